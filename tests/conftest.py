@@ -1,0 +1,6 @@
+"""Shared pytest configuration: fixture modules are plugins under tests/support."""
+
+from __future__ import annotations
+
+pytest_plugins: list[str] = [
+]
