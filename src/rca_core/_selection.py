@@ -1,0 +1,70 @@
+"""Which orchestrator gets the next long poll.
+
+``FAILOVER``: only the healthy orchestrators with the best (lowest) priority
+are polled; several at that priority share the polls by weight. When they all
+fail the next priority takes over, and the first successful register or
+heartbeat of a better one brings the polls back up.
+
+``ROUND_ROBIN``: every healthy orchestrator is polled, in proportion to its
+weight, by smooth weighted round robin (the nginx algorithm): the order is
+deterministic and interleaved (weights 2:1 give A B A, not A A B).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["Candidate", "FAILOVER", "ROUND_ROBIN", "Selector"]
+
+FAILOVER = "FAILOVER"
+ROUND_ROBIN = "ROUND_ROBIN"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Candidate:
+    """An orchestrator as the selector sees it."""
+
+    index: int
+    priority: int
+    weight: int
+    healthy: bool
+    available: bool  # registered and not backing off: a poll could go out now
+
+
+class Selector:
+    """Smooth weighted round robin with a failover filter in front of it."""
+
+    def __init__(self, mode: str, count: int) -> None:
+        if mode not in (FAILOVER, ROUND_ROBIN):
+            raise ValueError(f"unknown mode {mode!r}")
+        self._mode = mode
+        self._current = [0] * count
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def eligible(self, candidates: Sequence[Candidate]) -> list[Candidate]:
+        """The orchestrators that may be polled at all in the current health picture."""
+        healthy = [c for c in candidates if c.healthy]
+        if self._mode == FAILOVER and healthy:
+            best = min(c.priority for c in healthy)
+            healthy = [c for c in healthy if c.priority == best]
+        return healthy
+
+    def choose(self, candidates: Sequence[Candidate]) -> int | None:
+        """The index to poll next, or None when no eligible orchestrator is available now."""
+        pool = [c for c in self.eligible(candidates) if c.available]
+        if not pool:
+            return None
+        total = 0
+        best: Candidate | None = None
+        for c in pool:
+            self._current[c.index] += c.weight
+            total += c.weight
+            if best is None or self._current[c.index] > self._current[best.index]:
+                best = c
+        assert best is not None
+        self._current[best.index] -= total
+        return best.index
