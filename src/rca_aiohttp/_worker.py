@@ -1,0 +1,499 @@
+"""The worker on asyncio + aiohttp: performs what :class:`rca_core.WorkerMachine` decides.
+
+The driver is deliberately dumb: every event goes into the machine, every
+effect it returns becomes an asyncio task (an HTTP request, a handler, a
+WebSocket), and one ``loop.call_at`` timer follows the machine's next
+deadline. No loop polls anything: an idle worker sleeps until a reply, a
+command or a deadline wakes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+
+from rca_core._app import WorkerDefinition, progress_arguments
+from rca_core._config import ResolvedConfig, WorkerConfig
+from rca_core._events import (
+    CancelHandler,
+    CancelRequest,
+    CleanupTask,
+    CloseCommandChannel,
+    CommandChannelClosed,
+    CommandChannelOpened,
+    CommandReceived,
+    DrainRequested,
+    Event,
+    HandlerFinished,
+    HotCacheChanged,
+    OpenCommandChannel,
+    ProgressReported,
+    RequestFailed,
+    ResponseReceived,
+    SendCommandMessage,
+    SendRequest,
+    StartHandler,
+    Task,
+    WorkerStopped,
+)
+from rca_core._machine import WorkerMachine
+from rca_core._paths import task_dir_name
+from rca_core._results import cancelled_result, exception_result, normalize_result
+
+from ._files import TaskFiles
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("rca_aiohttp")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Worker:
+    """A worker: declare handlers with :meth:`task`, then :meth:`run`.
+
+    Same constructor and decorator as the reference SDK's ``Worker``; the
+    differences in behaviour are listed in the migration guide.
+    """
+
+    def __init__(
+        self,
+        worker_type: str | None = None,
+        max_concurrent_tasks: int | None = None,
+        task_type_limits: Mapping[str, int] | None = None,
+        skill_dependencies: Mapping[str, Sequence[str]] | None = None,
+        config: WorkerConfig | None = None,
+        http_session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self._config = config if config is not None else WorkerConfig()
+        self._definition = WorkerDefinition(
+            worker_type=worker_type,
+            max_concurrent_tasks=max_concurrent_tasks,
+            task_type_limits=task_type_limits,
+            skill_dependencies=skill_dependencies,
+            files_types=(TaskFiles,),
+        )
+        self._http_session = http_session
+        self._driver: _Driver | None = None
+        self._stop_early = False
+
+    @property
+    def config(self) -> WorkerConfig:
+        return self._config
+
+    def task(self, name: str, task_type: str | None = None) -> Callable[[F], F]:
+        """Register the decorated function as the handler of task ``name``."""
+        return self._definition.task(name, task_type)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The machine's state (slots, orchestrators, counters); empty before start."""
+        return self._driver.machine.snapshot() if self._driver else {}
+
+    async def stop(self) -> None:
+        """Drain: take no new tasks, let running ones finish (SHUTDOWN_TIMEOUT), report, stop.
+
+        A second call cancels what is still running.
+        """
+        if self._driver is None:
+            self._stop_early = True
+        else:
+            self._driver.feed(DrainRequested(reason="stop() called"))
+
+    async def serve(self, *, health: bool = False, handle_signals: bool = False) -> None:
+        """Run until stopped, inside an already running event loop."""
+        resolved = self._config.resolve()
+        settings = self._definition.settings(
+            resolved, hostname=socket.gethostname(), ip_address=_local_ip()
+        )
+        machine = WorkerMachine(settings, rng=random.Random())
+        own_session = self._http_session is None
+        session = self._http_session or aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max(100, 4 * settings.max_concurrent_tasks)),
+        )
+        s3 = _make_s3(resolved)
+        driver = _Driver(machine, session, self._definition, resolved, s3)
+        self._driver = driver
+        loop = asyncio.get_running_loop()
+        installed: list[int] = []
+        health_runner = None
+        try:
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    try:
+                        loop.add_signal_handler(sig, driver.signal, sig.name)
+                        installed.append(sig)
+                    except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
+                        pass
+            if health:
+                from ._health import start_health_server
+
+                health_runner = await start_health_server(
+                    driver, host=resolved.worker_host, port=resolved.worker_port
+                )
+            log.info(
+                "worker %s (%s) starting: %d handler(s), %d orchestrator(s)",
+                settings.worker_id,
+                settings.worker_type,
+                len(settings.tasks),
+                len(settings.orchestrators),
+            )
+            driver.start()
+            if self._stop_early:
+                driver.feed(DrainRequested(reason="stop() called before start"))
+            await driver.stopped.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await driver.close()
+            if health_runner is not None:
+                await health_runner.cleanup()
+            if s3 is not None:
+                await s3.close()
+            if own_session:
+                await session.close()
+            self._driver = None
+        if driver.failure is not None:
+            raise driver.failure
+
+    def run(self) -> None:
+        """Run the worker until SIGTERM/SIGINT (the first drains, the second cancels)."""
+        asyncio.run(self.serve(handle_signals=True))
+
+    def run_with_health_check(self) -> None:
+        """:meth:`run`, plus the health server on WORKER_HOST:WORKER_PORT."""
+        asyncio.run(self.serve(health=True, handle_signals=True))
+
+
+def _local_ip() -> str:
+    """The address other hosts would reach us at; no packet is sent (UDP connect)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: routing lookup only, nothing is sent
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+def _make_s3(resolved: ResolvedConfig) -> Any:
+    try:
+        from ._s3 import S3Transfers, settings_from_config
+    except ImportError:  # pragma: no cover - the S3 module is part of the package
+        return None
+    return S3Transfers.from_settings(settings_from_config(resolved))
+
+
+class _Driver:
+    """One running worker: the machine, its timer, and the tasks performing its effects."""
+
+    def __init__(
+        self,
+        machine: WorkerMachine,
+        session: aiohttp.ClientSession,
+        definition: WorkerDefinition,
+        config: ResolvedConfig,
+        s3: Any,
+    ) -> None:
+        self.machine = machine
+        self.session = session
+        self.definition = definition
+        self.config = config
+        self.s3 = s3
+        self.loop = asyncio.get_running_loop()
+        self.stopped = asyncio.Event()
+        self.failure: BaseException | None = None
+        self._requests: dict[int, asyncio.Task[None]] = {}
+        self._abandoned: set[int] = set()
+        self._handlers: dict[str, asyncio.Task[None]] = {}
+        self._cancelling: set[str] = set()
+        self._channels: dict[int, asyncio.Task[None]] = {}
+        self._sockets: dict[int, aiohttp.ClientWebSocketResponse] = {}
+        self._closing: set[int] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._files_root = config.task_files_dir
+        self.signals = 0
+
+    # -- feeding the machine ---------------------------------------------------------
+
+    def start(self) -> None:
+        self.machine.start(self.loop.time())
+        self._flush()
+
+    def feed(self, event: Event) -> None:
+        if self.stopped.is_set():
+            return
+        try:
+            self.machine.handle(event, self.loop.time())
+        except Exception as exc:  # a bug in the core must stop the worker loudly, not hang it
+            self._fail(exc)
+            return
+        self._flush()
+
+    def signal(self, name: str) -> None:
+        self.signals += 1
+        log.warning(
+            "%s received: %s",
+            name,
+            "draining" if self.signals == 1 else "cancelling the tasks still running",
+        )
+        self.feed(DrainRequested(reason=name))
+
+    def _fail(self, exc: BaseException) -> None:
+        log.critical("internal error in the worker core; stopping", exc_info=exc)
+        self.failure = exc
+        self.stopped.set()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        at, self._timer_at = self._timer_at, None
+        # call_at may fire a hair early (clock resolution): never let the machine
+        # see a time before the deadline it asked for, or it would re-arm in a spin.
+        now = max(self.loop.time(), at or 0.0)
+        try:
+            self.machine.handle_timer(now)
+        except Exception as exc:
+            self._fail(exc)
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        for effect in self.machine.effects():
+            self._perform(effect)
+        deadline = self.machine.next_deadline()
+        if deadline != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_at = deadline
+            if deadline is not None:
+                self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _perform(self, effect: Any) -> None:
+        if isinstance(effect, SendRequest):
+            self._requests[effect.request_id] = self._spawn(self._http(effect))
+        elif isinstance(effect, StartHandler):
+            self._handlers[effect.task.task_id] = self._spawn(self._run_handler(effect.task))
+        elif isinstance(effect, CleanupTask):
+            self._cleanup(effect.task_id)
+        elif isinstance(effect, CancelRequest):
+            request = self._requests.get(effect.request_id)
+            if request is not None:
+                self._abandoned.add(effect.request_id)
+                request.cancel()
+        elif isinstance(effect, CancelHandler):
+            handler = self._handlers.get(effect.task_id)
+            if handler is not None:
+                self._cancelling.add(effect.task_id)
+                handler.cancel()
+        elif isinstance(effect, OpenCommandChannel):
+            self._channels[effect.channel] = self._spawn(self._channel(effect))
+        elif isinstance(effect, CloseCommandChannel):
+            channel = self._channels.pop(effect.channel, None)
+            if channel is not None:
+                self._closing.add(effect.channel)
+                channel.cancel()
+        elif isinstance(effect, SendCommandMessage):
+            ws = self._sockets.get(effect.channel)
+            if ws is not None and not ws.closed:
+                self._spawn(self._send_ws(ws, effect.text))
+        elif isinstance(effect, WorkerStopped):
+            if effect.undelivered:
+                log.error("worker stopped with %d result(s) undelivered", effect.undelivered)
+            else:
+                log.info("worker stopped; every result was delivered")
+            self.stopped.set()
+
+    # -- HTTP ---------------------------------------------------------------------------
+
+    async def _http(self, effect: SendRequest) -> None:
+        rid = effect.request_id
+        req = effect.request
+        event: Event
+        try:
+            async with self.session.request(
+                req.method,
+                req.url,
+                headers=req.headers,
+                data=req.body,
+                timeout=aiohttp.ClientTimeout(total=req.timeout),
+            ) as resp:
+                body = await resp.read()
+                event = ResponseReceived(
+                    request_id=rid,
+                    status=resp.status,
+                    body=body,
+                    retry_after=resp.headers.get("Retry-After"),
+                )
+        except asyncio.CancelledError:
+            if rid not in self._abandoned:
+                raise
+            event = RequestFailed(request_id=rid, reason="abandoned")
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            event = RequestFailed(request_id=rid, reason=_describe(exc))
+        finally:
+            self._requests.pop(rid, None)
+            self._abandoned.discard(rid)
+        self.feed(event)
+
+    # -- handlers -------------------------------------------------------------------------
+
+    async def _run_handler(self, task: Task) -> None:
+        task_id = task.task_id
+        try:
+            result = await self._execute(task)
+        except asyncio.CancelledError:
+            if task_id not in self._cancelling:
+                raise
+            result = cancelled_result()
+        finally:
+            self._handlers.pop(task_id, None)
+            self._cancelling.discard(task_id)
+        self.feed(HandlerFinished(task_id=task_id, result=result))
+
+    def _task_dir(self, task_id: str) -> str:
+        return os.path.join(self._files_root, task_dir_name(task_id))
+
+    async def _execute(self, task: Task) -> dict[str, Any]:
+        name = task.name
+        task_dir = self._task_dir(task.task_id)
+        try:
+            params = task.params
+            if self.s3 is not None:
+                params = await self.s3.download_inputs(params, Path(task_dir))
+            spec, bound, kwargs = self.definition.prepare(task, params, self._extras(task, task_dir))
+            if spec.is_async:
+                value = await spec.func(bound, **kwargs)
+            else:
+                value = await asyncio.to_thread(functools.partial(spec.func, bound, **kwargs))
+            result = normalize_result(value, handler_name=name)
+            data = result.get("data")
+            if self.s3 is not None and data:
+                result = {
+                    **result,
+                    "data": await self.s3.upload_outputs(
+                        data, Path(task_dir), job_id=task.job_id, task_id=task.task_id
+                    ),
+                }
+            return result
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            from rca_core._errors import TaskFailure
+
+            if isinstance(exc, TaskFailure):
+                log.warning("task %s (job %s) failed: %s", task.task_id, task.job_id, exc.message)
+            else:
+                log.exception("task %s (job %s): handler %r raised", task.task_id, task.job_id, name)
+            return exception_result(exc, handler_name=name)
+
+    def _extras(self, task: Task, task_dir: str) -> dict[str, object]:
+        task_id = task.task_id
+
+        async def send_progress(*args: Any, **kwargs: Any) -> None:
+            progress, message = progress_arguments(args, kwargs)
+            self.feed(ProgressReported(task_id=task_id, progress=progress, message=message))
+
+        def add_to_hot_cache(name: str) -> None:
+            self.feed(HotCacheChanged(added=(name,)))
+
+        def remove_from_hot_cache(name: str) -> None:
+            self.feed(HotCacheChanged(removed=(name,)))
+
+        extras: dict[str, object] = {
+            "send_progress": send_progress,
+            "add_to_hot_cache": add_to_hot_cache,
+            "remove_from_hot_cache": remove_from_hot_cache,
+        }
+        spec = self.definition.handlers[task.name]
+        if spec.files_arg is not None:
+            extras[spec.files_arg] = TaskFiles(task_dir)
+        return extras
+
+    def _cleanup(self, task_id: str) -> None:
+        task_dir = self._task_dir(task_id)
+        if os.path.isdir(task_dir):
+            self._spawn(asyncio.to_thread(shutil.rmtree, task_dir, True))
+
+    # -- command channel -----------------------------------------------------------------
+
+    async def _channel(self, effect: OpenCommandChannel) -> None:
+        channel = effect.channel
+        reason = "closed by the orchestrator"
+        try:
+            ws = await self.session.ws_connect(
+                effect.url, headers=effect.headers, heartbeat=20.0, timeout=aiohttp.ClientWSTimeout(ws_close=5.0)
+            )
+        except asyncio.CancelledError:
+            if channel in self._closing:
+                self._closing.discard(channel)
+                return
+            raise
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            self._channels.pop(channel, None)
+            self.feed(CommandChannelClosed(channel=channel, reason=_describe(exc)))
+            return
+        self._sockets[channel] = ws
+        self.feed(CommandChannelOpened(channel=channel))
+        try:
+            async for msg in ws:
+                if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                    self.feed(CommandReceived(channel=channel, text=msg.data))
+                elif msg.type == aiohttp.WSMsgType.ERROR:
+                    reason = _describe(ws.exception() or Exception("websocket error"))
+                    break
+        except asyncio.CancelledError:
+            if channel in self._closing:
+                self._closing.discard(channel)
+                self._sockets.pop(channel, None)
+                await ws.close()
+                return
+            raise
+        finally:
+            if self._sockets.get(channel) is ws:
+                del self._sockets[channel]
+        await ws.close()
+        self._channels.pop(channel, None)
+        self.feed(CommandChannelClosed(channel=channel, reason=reason))
+
+    async def _send_ws(self, ws: aiohttp.ClientWebSocketResponse, text: str) -> None:
+        try:
+            await ws.send_str(text)
+        except (aiohttp.ClientError, OSError, RuntimeError) as exc:  # closing underneath us
+            log.debug("progress update not sent: %s", _describe(exc))
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Cancel whatever is still in flight once the machine has stopped."""
+        self.stopped.set()
+        if self._timer is not None:
+            self._timer.cancel()
+        pending = [t for t in self._background if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5.0)
+
+
+def _describe(exc: BaseException) -> str:
+    """An error for a log line: the type and message (aiohttp never puts headers in them)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
