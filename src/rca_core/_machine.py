@@ -235,6 +235,9 @@ class WorkerMachine:
         self._drain_deadline: float | None = None
         self._give_up_deadline: float | None = None
         self._stop_emitted = False
+        # When the pump last ran: a poll backoff that had expired by then and still
+        # sent nothing is waiting on an event (health, slots, outbox), not on time.
+        self._pumped_at = float("-inf")
         self.counters: dict[str, int] = {
             "tasks_received": 0,
             "tasks_rejected": 0,
@@ -323,7 +326,12 @@ class WorkerMachine:
                     and self._state is not WorkerState.CANCELLING
                 ):
                     add(link.ws_retry.not_before)
-                if active and link.poll_retry.failures and self._slots.free > 0:
+                if (
+                    active
+                    and link.poll_retry.failures
+                    and self._slots.free > 0
+                    and link.poll_retry.not_before > self._pumped_at
+                ):
                     add(link.poll_retry.not_before)
         for out in self._outbox.values():
             if out.request is None:
@@ -399,6 +407,7 @@ class WorkerMachine:
         return rid
 
     def _pump(self, now: float) -> None:
+        self._pumped_at = now
         state = self._state
         if state in (WorkerState.CREATED, WorkerState.STOPPED):
             return
