@@ -59,7 +59,9 @@ def _tasks_from(args: argparse.Namespace) -> list[tuple[str, Any]]:
                 item = json.loads(line)
                 tasks.append((str(item["task"]), item.get("params", {})))
             except (ValueError, KeyError, TypeError) as exc:
-                raise SystemExit(f"rca-worker: {args.file}:{n}: expected {{\"task\": ..., \"params\": ...}}: {exc}") from None
+                raise SystemExit(
+                    f'rca-worker: {args.file}:{n}: expected {{"task": ..., "params": ...}}: {exc}'
+                ) from None
     if args.task:
         try:
             params = json.loads(args.params)
@@ -71,7 +73,7 @@ def _tasks_from(args: argparse.Namespace) -> list[tuple[str, Any]]:
     return tasks
 
 
-async def _try(worker: Any, tasks: list[tuple[str, Any]], timeout: float) -> int:
+async def _try(worker: Any, tasks: list[tuple[str, Any]], wait: float) -> int:
     from rca_core.testing import FakeOrchestrator
 
     from ._embedded import EmbeddedOrchestrator
@@ -89,9 +91,9 @@ async def _try(worker: Any, tasks: list[tuple[str, Any]], timeout: float) -> int
         ids = [await orch.submit(name, params) for name, params in tasks]
         failed = 0
         try:
-            results = await orch.wait_for_results(len(ids), timeout)
+            results = await orch.wait_for_results(len(ids), within=wait)
         except TimeoutError:
-            print(f"rca-worker try: not every result arrived within {timeout}s", file=sys.stderr)
+            print(f"rca-worker try: not every result arrived within {wait}s", file=sys.stderr)
             results = list(fake.results)
             failed = 1
         by_task = {r["task_id"]: r["result"] for r in results}
@@ -109,11 +111,19 @@ def _check(worker: Any) -> int:
     resolved = worker.config.resolve()
     definition = worker._definition
     settings = definition.settings(resolved, hostname="-", ip_address="-")
-    print(json.dumps({"config": resolved.describe(), "worker_type": settings.worker_type,
-                      "max_concurrent_tasks": settings.max_concurrent_tasks,
-                      "task_type_limits": dict(settings.task_type_limits),
-                      "handlers": {name: spec.task_type for name, spec in definition.handlers.items()}},
-                     indent=2, default=str))
+    print(
+        json.dumps(
+            {
+                "config": resolved.describe(),
+                "worker_type": settings.worker_type,
+                "max_concurrent_tasks": settings.max_concurrent_tasks,
+                "task_type_limits": dict(settings.task_type_limits),
+                "handlers": {name: spec.task_type for name, spec in definition.handlers.items()},
+            },
+            indent=2,
+            default=str,
+        )
+    )
     if not definition.handlers:
         print("rca-worker check: the worker has no handlers", file=sys.stderr)
         return 1
@@ -121,13 +131,19 @@ def _check(worker: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rca-worker", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="rca-worker", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a worker with the environment's configuration")
     run.add_argument("target", help="FILE.py:ATTR or MODULE:ATTR")
     run.add_argument("--health", action="store_true", help="also serve /health and /ready")
-    run.add_argument("--backend", choices=["asyncio", "trio"], default=None,
-                     help="rca_httpx workers only (default: RCA_BACKEND or asyncio)")
+    run.add_argument(
+        "--backend",
+        choices=["asyncio", "trio"],
+        default=None,
+        help="rca_httpx workers only (default: RCA_BACKEND or asyncio)",
+    )
     check = sub.add_parser("check", help="validate configuration and handlers; connect to nothing")
     check.add_argument("target")
     trial = sub.add_parser("try", help="run the worker against an embedded orchestrator")
@@ -135,11 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     trial.add_argument("--task", help="task name to send")
     trial.add_argument("--params", default="{}", help="task params as JSON (default {})")
     trial.add_argument("--count", type=int, default=1, help="how many such tasks (default 1)")
-    trial.add_argument("--file", help="JSON lines: {\"task\": NAME, \"params\": {...}}")
+    trial.add_argument("--file", help='JSON lines: {"task": NAME, "params": {...}}')
     trial.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     from rca_core._errors import ConfigError
 
     try:

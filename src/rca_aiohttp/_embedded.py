@@ -22,7 +22,9 @@ __all__ = ["EmbeddedOrchestrator"]
 class EmbeddedOrchestrator:
     """Serve a FakeOrchestrator on 127.0.0.1; long polls really wait for tasks."""
 
-    def __init__(self, fake: FakeOrchestrator | None = None, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, fake: FakeOrchestrator | None = None, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self.fake = fake or FakeOrchestrator(hold=30.0)
         self._host = host
         self._port = port
@@ -65,9 +67,9 @@ class EmbeddedOrchestrator:
             self._changed.notify_all()
         return task_id
 
-    async def wait_for_results(self, count: int, timeout: float) -> list[dict[str, Any]]:
+    async def wait_for_results(self, count: int, *, within: float) -> list[dict[str, Any]]:
         """Wait (bounded) until ``count`` results arrived; returns them all."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             async with self._changed:
                 await self._changed.wait_for(lambda: len(self.fake.results) >= count)
         return list(self.fake.results)

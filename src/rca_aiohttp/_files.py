@@ -39,7 +39,9 @@ class TaskFiles:
         os.makedirs(self._root, exist_ok=True)
         real_root = os.path.realpath(self._root)
         if not is_within(real_root, os.path.realpath(path)):
-            raise TaskFailure(INVALID_INPUT_ERROR, f"file name {name!r} leads outside the task folder")
+            raise TaskFailure(
+                INVALID_INPUT_ERROR, f"file name {name!r} leads outside the task folder"
+            )
         return path
 
     async def get_root(self) -> str:
@@ -96,13 +98,13 @@ class TaskFiles:
 
     @asynccontextmanager
     async def open(self, name: str, mode: str = "r") -> AsyncIterator[_AsyncFile]:
-        """``async with files.open(name, mode) as f``: ``await f.read()`` / ``await f.write(...)``."""
+        """``async with files.open(name, mode) as f``, then ``await f.read()`` etc."""
 
         def work() -> IO[Any]:
             path = self._checked(name)
             if any(m in mode for m in "wax+"):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-            return open(path, mode)  # noqa: SIM115 - closed below
+            return open(path, mode)
 
         f = await asyncio.to_thread(work)
         try:

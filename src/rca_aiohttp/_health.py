@@ -23,7 +23,9 @@ async def start_health_server(driver: _Driver, *, host: str, port: int) -> web.A
     async def health(request: web.Request) -> web.Response:
         snap = driver.machine.snapshot()
         alive = driver.failure is None and snap["state"] != "stopped"
-        return _json(200 if alive else 503, {"status": "ok" if alive else "dead", "state": snap["state"]})
+        return _json(
+            200 if alive else 503, {"status": "ok" if alive else "dead", "state": snap["state"]}
+        )
 
     async def ready(request: web.Request) -> web.Response:
         snap = driver.machine.snapshot()

@@ -10,7 +10,6 @@ command or a deadline wakes it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import random
@@ -23,33 +22,27 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from rca_core._app import WorkerDefinition, progress_arguments
+from rca_core._app import WorkerDefinition
 from rca_core._config import ResolvedConfig, WorkerConfig
+from rca_core._driver import Driver
 from rca_core._events import (
-    CancelHandler,
-    CancelRequest,
-    CleanupTask,
-    CloseCommandChannel,
     CommandChannelClosed,
     CommandChannelOpened,
     CommandReceived,
     DrainRequested,
     Event,
     HandlerFinished,
-    HotCacheChanged,
     OpenCommandChannel,
-    ProgressReported,
     RequestFailed,
     ResponseReceived,
-    SendCommandMessage,
     SendRequest,
     StartHandler,
     Task,
-    WorkerStopped,
 )
+from rca_core._execution import execute_task, standard_extras
 from rca_core._machine import WorkerMachine
 from rca_core._paths import task_dir_name
-from rca_core._results import cancelled_result, exception_result, normalize_result
+from rca_core._results import cancelled_result
 
 from ._files import TaskFiles
 
@@ -133,7 +126,10 @@ class Worker:
                     try:
                         loop.add_signal_handler(sig, driver.signal, sig.name)
                         installed.append(sig)
-                    except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
+                    except (
+                        NotImplementedError,
+                        RuntimeError,
+                    ):  # pragma: no cover - non-main thread
                         pass
             if health:
                 from ._health import start_health_server
@@ -193,8 +189,8 @@ def _make_s3(resolved: ResolvedConfig) -> Any:
     return S3Transfers.from_settings(settings_from_config(resolved))
 
 
-class _Driver:
-    """One running worker: the machine, its timer, and the tasks performing its effects."""
+class _Driver(Driver):
+    """The shared driver, with asyncio tasks for effects and ``call_at`` for the timer."""
 
     def __init__(
         self,
@@ -204,14 +200,13 @@ class _Driver:
         config: ResolvedConfig,
         s3: Any,
     ) -> None:
-        self.machine = machine
+        super().__init__(machine)
         self.session = session
         self.definition = definition
         self.config = config
         self.s3 = s3
         self.loop = asyncio.get_running_loop()
         self.stopped = asyncio.Event()
-        self.failure: BaseException | None = None
         self._requests: dict[int, asyncio.Task[None]] = {}
         self._abandoned: set[int] = set()
         self._handlers: dict[str, asyncio.Task[None]] = {}
@@ -221,64 +216,22 @@ class _Driver:
         self._closing: set[int] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
         self._files_root = config.task_files_dir
-        self.signals = 0
 
-    # -- feeding the machine ---------------------------------------------------------
+    # -- Driver's primitives -----------------------------------------------------------
 
-    def start(self) -> None:
-        self.machine.start(self.loop.time())
-        self._flush()
+    def now(self) -> float:
+        return self.loop.time()
 
-    def feed(self, event: Event) -> None:
-        if self.stopped.is_set():
-            return
-        try:
-            self.machine.handle(event, self.loop.time())
-        except Exception as exc:  # a bug in the core must stop the worker loudly, not hang it
-            self._fail(exc)
-            return
-        self._flush()
+    def set_timer(self, deadline: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self.on_timer)
 
-    def signal(self, name: str) -> None:
-        self.signals += 1
-        log.warning(
-            "%s received: %s",
-            name,
-            "draining" if self.signals == 1 else "cancelling the tasks still running",
-        )
-        self.feed(DrainRequested(reason=name))
-
-    def _fail(self, exc: BaseException) -> None:
-        log.critical("internal error in the worker core; stopping", exc_info=exc)
-        self.failure = exc
+    def do_stopped(self) -> None:
         self.stopped.set()
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        at, self._timer_at = self._timer_at, None
-        # call_at may fire a hair early (clock resolution): never let the machine
-        # see a time before the deadline it asked for, or it would re-arm in a spin.
-        now = max(self.loop.time(), at or 0.0)
-        try:
-            self.machine.handle_timer(now)
-        except Exception as exc:
-            self._fail(exc)
-            return
-        self._flush()
-
-    def _flush(self) -> None:
-        for effect in self.machine.effects():
-            self._perform(effect)
-        deadline = self.machine.next_deadline()
-        if deadline != self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            self._timer_at = deadline
-            if deadline is not None:
-                self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)
@@ -286,40 +239,42 @@ class _Driver:
         task.add_done_callback(self._background.discard)
         return task
 
-    def _perform(self, effect: Any) -> None:
-        if isinstance(effect, SendRequest):
-            self._requests[effect.request_id] = self._spawn(self._http(effect))
-        elif isinstance(effect, StartHandler):
-            self._handlers[effect.task.task_id] = self._spawn(self._run_handler(effect.task))
-        elif isinstance(effect, CleanupTask):
-            self._cleanup(effect.task_id)
-        elif isinstance(effect, CancelRequest):
-            request = self._requests.get(effect.request_id)
-            if request is not None:
-                self._abandoned.add(effect.request_id)
-                request.cancel()
-        elif isinstance(effect, CancelHandler):
-            handler = self._handlers.get(effect.task_id)
-            if handler is not None:
-                self._cancelling.add(effect.task_id)
-                handler.cancel()
-        elif isinstance(effect, OpenCommandChannel):
-            self._channels[effect.channel] = self._spawn(self._channel(effect))
-        elif isinstance(effect, CloseCommandChannel):
-            channel = self._channels.pop(effect.channel, None)
-            if channel is not None:
-                self._closing.add(effect.channel)
-                channel.cancel()
-        elif isinstance(effect, SendCommandMessage):
-            ws = self._sockets.get(effect.channel)
-            if ws is not None and not ws.closed:
-                self._spawn(self._send_ws(ws, effect.text))
-        elif isinstance(effect, WorkerStopped):
-            if effect.undelivered:
-                log.error("worker stopped with %d result(s) undelivered", effect.undelivered)
-            else:
-                log.info("worker stopped; every result was delivered")
-            self.stopped.set()
+    def do_send_request(self, effect: SendRequest) -> None:
+        self._requests[effect.request_id] = self._spawn(self._http(effect))
+
+    def do_cancel_request(self, request_id: int) -> None:
+        request = self._requests.get(request_id)
+        if request is not None:
+            self._abandoned.add(request_id)
+            request.cancel()
+
+    def do_start_handler(self, effect: StartHandler) -> None:
+        self._handlers[effect.task.task_id] = self._spawn(self._run_handler(effect.task))
+
+    def do_cancel_handler(self, task_id: str) -> None:
+        handler = self._handlers.get(task_id)
+        if handler is not None:
+            self._cancelling.add(task_id)
+            handler.cancel()
+
+    def do_cleanup(self, task_id: str) -> None:
+        task_dir = self._task_dir(task_id)
+        if os.path.isdir(task_dir):
+            self._spawn(asyncio.to_thread(shutil.rmtree, task_dir, True))
+
+    def do_open_channel(self, effect: OpenCommandChannel) -> None:
+        self._channels[effect.channel] = self._spawn(self._channel(effect))
+
+    def do_close_channel(self, channel: int) -> None:
+        task = self._channels.pop(channel, None)
+        if task is not None:
+            self._closing.add(channel)
+            task.cancel()
+
+    def do_send_message(self, channel: int, text: str) -> None:
+        ws = self._sockets.get(channel)
+        if ws is not None and not ws.closed:
+            self._spawn(self._send_ws(ws, text))
 
     # -- HTTP ---------------------------------------------------------------------------
 
@@ -355,10 +310,26 @@ class _Driver:
 
     # -- handlers -------------------------------------------------------------------------
 
+    def _task_dir(self, task_id: str) -> str:
+        return os.path.join(self._files_root, task_dir_name(task_id))
+
     async def _run_handler(self, task: Task) -> None:
         task_id = task.task_id
+        task_dir = self._task_dir(task_id)
+        extras = standard_extras(self.feed, task_id)
+        spec = self.definition.handlers[task.name]
+        if spec.files_arg is not None:
+            extras[spec.files_arg] = TaskFiles(task_dir)
         try:
-            result = await self._execute(task)
+            result = await execute_task(
+                self.definition,
+                task,
+                task_dir=task_dir,
+                extras=extras,
+                run_sync=asyncio.to_thread,
+                transfers=self.s3,
+                path_type=Path,
+            )
         except asyncio.CancelledError:
             if task_id not in self._cancelling:
                 raise
@@ -368,91 +339,21 @@ class _Driver:
             self._cancelling.discard(task_id)
         self.feed(HandlerFinished(task_id=task_id, result=result))
 
-    def _task_dir(self, task_id: str) -> str:
-        return os.path.join(self._files_root, task_dir_name(task_id))
-
-    async def _execute(self, task: Task) -> dict[str, Any]:
-        name = task.name
-        task_dir = self._task_dir(task.task_id)
-        try:
-            params = task.params
-            if self.s3 is not None:
-                params = await self.s3.download_inputs(params, Path(task_dir))
-            spec, bound, kwargs = self.definition.prepare(task, params, self._extras(task, task_dir))
-            if spec.is_async:
-                value = await spec.func(bound, **kwargs)
-            else:
-                value = await asyncio.to_thread(functools.partial(spec.func, bound, **kwargs))
-            result = normalize_result(value, handler_name=name)
-            data = result.get("data")
-            if self.s3 is not None and data:
-                result = {
-                    **result,
-                    "data": await self.s3.upload_outputs(
-                        data, Path(task_dir), job_id=task.job_id, task_id=task.task_id
-                    ),
-                }
-            return result
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            from rca_core._errors import TaskFailure
-
-            if isinstance(exc, TaskFailure):
-                log.warning("task %s (job %s) failed: %s", task.task_id, task.job_id, exc.message)
-            else:
-                log.exception("task %s (job %s): handler %r raised", task.task_id, task.job_id, name)
-            return exception_result(exc, handler_name=name)
-
-    def _extras(self, task: Task, task_dir: str) -> dict[str, object]:
-        task_id = task.task_id
-
-        async def send_progress(*args: Any, **kwargs: Any) -> None:
-            progress, message = progress_arguments(args, kwargs)
-            self.feed(ProgressReported(task_id=task_id, progress=progress, message=message))
-
-        def add_to_hot_cache(name: str) -> None:
-            self.feed(HotCacheChanged(added=(name,)))
-
-        def remove_from_hot_cache(name: str) -> None:
-            self.feed(HotCacheChanged(removed=(name,)))
-
-        extras: dict[str, object] = {
-            "send_progress": send_progress,
-            "add_to_hot_cache": add_to_hot_cache,
-            "remove_from_hot_cache": remove_from_hot_cache,
-        }
-        spec = self.definition.handlers[task.name]
-        if spec.files_arg is not None:
-            extras[spec.files_arg] = TaskFiles(task_dir)
-        return extras
-
-    def _cleanup(self, task_id: str) -> None:
-        task_dir = self._task_dir(task_id)
-        if os.path.isdir(task_dir):
-            self._spawn(asyncio.to_thread(shutil.rmtree, task_dir, True))
-
     # -- command channel -----------------------------------------------------------------
 
     async def _channel(self, effect: OpenCommandChannel) -> None:
         channel = effect.channel
         reason = "closed by the orchestrator"
+        ws: aiohttp.ClientWebSocketResponse | None = None
         try:
             ws = await self.session.ws_connect(
-                effect.url, headers=effect.headers, heartbeat=20.0, timeout=aiohttp.ClientWSTimeout(ws_close=5.0)
+                effect.url,
+                headers=effect.headers,
+                heartbeat=20.0,
+                timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
             )
-        except asyncio.CancelledError:
-            if channel in self._closing:
-                self._closing.discard(channel)
-                return
-            raise
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            self._channels.pop(channel, None)
-            self.feed(CommandChannelClosed(channel=channel, reason=_describe(exc)))
-            return
-        self._sockets[channel] = ws
-        self.feed(CommandChannelOpened(channel=channel))
-        try:
+            self._sockets[channel] = ws
+            self.feed(CommandChannelOpened(channel=channel))
             async for msg in ws:
                 if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                     self.feed(CommandReceived(channel=channel, text=msg.data))
@@ -460,16 +361,16 @@ class _Driver:
                     reason = _describe(ws.exception() or Exception("websocket error"))
                     break
         except asyncio.CancelledError:
-            if channel in self._closing:
-                self._closing.discard(channel)
-                self._sockets.pop(channel, None)
-                await ws.close()
-                return
-            raise
+            if channel not in self._closing:
+                raise
+            self._closing.discard(channel)
+            return
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            reason = _describe(exc)
         finally:
-            if self._sockets.get(channel) is ws:
-                del self._sockets[channel]
-        await ws.close()
+            self._sockets.pop(channel, None)
+            if ws is not None:
+                await ws.close()
         self._channels.pop(channel, None)
         self.feed(CommandChannelClosed(channel=channel, reason=reason))
 
@@ -483,9 +384,9 @@ class _Driver:
 
     async def close(self) -> None:
         """Cancel whatever is still in flight once the machine has stopped."""
+        self.finished = True
         self.stopped.set()
-        if self._timer is not None:
-            self._timer.cancel()
+        self.set_timer(None)
         pending = [t for t in self._background if not t.done()]
         for t in pending:
             t.cancel()

@@ -9,11 +9,10 @@ written once, here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ._config import ResolvedConfig
-from ._errors import TaskFailure
 from ._events import Task
 from ._machine import MachineSettings, Orchestrator
 from ._params import HandlerSpec, bind_params, handler_kwargs, inspect_handler
@@ -39,14 +38,23 @@ class WorkerDefinition:
     ) -> None:
         limits = dict(task_type_limits or {})
         for key, value in limits.items():
-            if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"task_type_limits[{key!r}]={value!r}: expected a positive integer")
+            if (
+                not isinstance(key, str)
+                or isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < 1
+            ):
+                raise ValueError(
+                    f"task_type_limits[{key!r}]={value!r}: expected a positive integer"
+                )
         if max_concurrent_tasks is not None and (
             isinstance(max_concurrent_tasks, bool)
             or not isinstance(max_concurrent_tasks, int)
             or max_concurrent_tasks < 1
         ):
-            raise ValueError(f"max_concurrent_tasks={max_concurrent_tasks!r}: expected a positive integer")
+            raise ValueError(
+                f"max_concurrent_tasks={max_concurrent_tasks!r}: expected a positive integer"
+            )
         deps: dict[str, tuple[str, ...]] = {}
         for skill, models in (skill_dependencies or {}).items():
             if isinstance(models, str) or not all(isinstance(m, str) for m in models):
@@ -157,9 +165,3 @@ def progress_arguments(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tupl
     if isinstance(progress, bool) or not isinstance(progress, int | float):
         raise TypeError(f"send_progress: progress must be a number, not {progress!r}")
     return float(progress), str(message)
-
-
-HandlerCall = Callable[..., Awaitable[Any]]
-
-# Re-exported for adapters that only need the failure type alongside prepare().
-_ = TaskFailure

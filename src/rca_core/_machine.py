@@ -44,6 +44,7 @@ from ._events import (
     Task,
     WorkerStopped,
 )
+from ._results import failure_result, timeout_result
 from ._selection import FAILOVER, Candidate, Selector
 from ._skills import hot_skills
 from ._slots import Slots
@@ -799,10 +800,13 @@ class WorkerMachine:
         reason = running.cancel_reason
         if result.get("status") == "cancelled" and reason in ("timeout", "shutdown"):
             if reason == "timeout":
-                message = f"handler exceeded the task timeout of {self.settings.task_timeout}s"
+                result = timeout_result(
+                    self.settings.task_timeout or 0.0, handler_name=running.task.name
+                )
             else:
-                message = "the worker shut down before the task finished"
-            result = {"status": "failure", "error": {"code": TRANSIENT_ERROR, "message": message}}
+                result = failure_result(
+                    TRANSIENT_ERROR, "the worker shut down before the task finished"
+                )
         task = running.task
         self._enqueue_result(task.task_id, task.job_id, running.link, result)
         self._state_changed(now)

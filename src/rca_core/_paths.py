@@ -36,7 +36,10 @@ def join_inside(root: str, name: str) -> str:
     if not isinstance(name, str) or not name or "\x00" in name:
         raise TaskFailure(INVALID_INPUT_ERROR, f"invalid file name {name!r}")
     if os.path.isabs(name) or name.startswith(("/", "\\")):
-        raise TaskFailure(INVALID_INPUT_ERROR, f"file name {name!r} is absolute; use a name relative to the task folder")
+        raise TaskFailure(
+            INVALID_INPUT_ERROR,
+            f"file name {name!r} is absolute; use a name relative to the task folder",
+        )
     root_norm = os.path.normpath(root)
     joined = os.path.normpath(os.path.join(root_norm, name))
     if not is_within(root_norm, joined) or joined == root_norm:

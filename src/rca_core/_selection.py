@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Candidate", "FAILOVER", "ROUND_ROBIN", "Selector"]
+__all__ = ["FAILOVER", "ROUND_ROBIN", "Candidate", "Selector"]
 
 FAILOVER = "FAILOVER"
 ROUND_ROBIN = "ROUND_ROBIN"

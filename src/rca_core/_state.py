@@ -86,14 +86,18 @@ def worker_transition(state: WorkerState, event: WorkerInput) -> WorkerState:
     try:
         return WORKER_TRANSITIONS[state, event]
     except KeyError:
-        raise LocalProtocolError(f"worker: no transition from {state.value} on {event.value}") from None
+        raise LocalProtocolError(
+            f"worker: no transition from {state.value} on {event.value}"
+        ) from None
 
 
 def link_transition(state: LinkState, event: LinkInput) -> LinkState:
     try:
         return LINK_TRANSITIONS[state, event]
     except KeyError:
-        raise LocalProtocolError(f"link: no transition from {state.value} on {event.value}") from None
+        raise LocalProtocolError(
+            f"link: no transition from {state.value} on {event.value}"
+        ) from None
 
 
 def state_diagram() -> str:

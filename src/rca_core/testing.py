@@ -263,15 +263,21 @@ class Simulation:
                 tid = effect.task_id
                 self.at(self.now, lambda: self._finish(tid, {"status": "cancelled"}))
         elif isinstance(effect, OpenCommandChannel):
-            fake = self._fake_for(effect.url.replace("ws://", "http://").replace("wss://", "https://"))
+            fake = self._fake_for(
+                effect.url.replace("ws://", "http://").replace("wss://", "https://")
+            )
             channel = effect.channel
             if fake.down:
-                self.at(self.now + self.latency, lambda: self.feed(
-                    CommandChannelClosed(channel=channel, reason="refused")))
+                self.at(
+                    self.now + self.latency,
+                    lambda: self.feed(CommandChannelClosed(channel=channel, reason="refused")),
+                )
             else:
                 self.channels[channel] = fake
-                self.at(self.now + self.latency, lambda: self.feed(
-                    CommandChannelOpened(channel=channel)))
+                self.at(
+                    self.now + self.latency,
+                    lambda: self.feed(CommandChannelOpened(channel=channel)),
+                )
         elif isinstance(effect, CloseCommandChannel):
             self.channels.pop(effect.channel, None)
         elif isinstance(effect, SendCommandMessage):
@@ -301,7 +307,9 @@ class Simulation:
             reply = fake.next_task()
             if reply is not None:
                 del self._parked[rid]
-                self.at(self.now + self.latency, lambda rid=rid, reply=reply: self._deliver(rid, reply))
+                self.at(
+                    self.now + self.latency, lambda rid=rid, reply=reply: self._deliver(rid, reply)
+                )
 
     def send_command(self, fake: FakeOrchestrator, command: dict[str, Any] | str) -> None:
         text = command if isinstance(command, str) else json.dumps(command)
@@ -353,8 +361,11 @@ class Simulation:
 
     def run_for(self, seconds: float, *, max_steps: int = 100_000) -> None:
         end = self.now + seconds
-        self.run_until(lambda: self._next_time() is None or self._next_time() > end,  # type: ignore[operator]
-                       timeout=seconds, max_steps=max_steps)
+        self.run_until(
+            lambda: self._next_time() is None or self._next_time() > end,  # type: ignore[operator]
+            timeout=seconds,
+            max_steps=max_steps,
+        )
         self.now = max(self.now, end)
 
     def _next_time(self) -> float | None:
