@@ -133,6 +133,9 @@ class _Link:
         "heartbeat_due",
         "heartbeat_ok_since_register",
         "heartbeat_request",
+        "heartbeats_answered",
+        "heartbeats_sent",
+        "reported_idle",
         "heartbeat_retry",
         "healthy",
         "index",
@@ -154,6 +157,9 @@ class _Link:
         self.register_request: int | None = None
         self.heartbeat_retry = Backoff(base=settings.retry_base, cap=settings.retry_cap)
         self.heartbeat_request: int | None = None
+        self.heartbeats_sent = 0
+        self.heartbeats_answered = 0  # replies (or failures) to heartbeats, counted in order
+        self.reported_idle: bool | None = None  # the status the last heartbeat carried
         self.heartbeat_due: float | None = None
         self.heartbeat_ok_since_register = False
         self.poll_retry = Backoff(base=settings.retry_base, cap=settings.retry_cap)
@@ -185,7 +191,17 @@ class _Running:
 class _Outgoing:
     """A result on its way to the orchestrator that assigned the task."""
 
-    __slots__ = ("attempts", "job_id", "link", "request", "result", "retry", "server_errors", "task_id")
+    __slots__ = (
+        "after_heartbeat",
+        "attempts",
+        "job_id",
+        "link",
+        "request",
+        "result",
+        "retry",
+        "server_errors",
+        "task_id",
+    )
 
     def __init__(
         self, task_id: str, job_id: str, link: int, result: Mapping[str, Any], retry: Backoff
@@ -196,6 +212,8 @@ class _Outgoing:
         self.result = result
         self.retry = retry
         self.request: int | None = None
+        # Send only once heartbeat number ``after_heartbeat`` of the link was answered.
+        self.after_heartbeat = 0
         self.attempts = 0
         self.server_errors = 0
 
@@ -335,7 +353,7 @@ class WorkerMachine:
                 ):
                     add(link.poll_retry.not_before)
         for out in self._outbox.values():
-            if out.request is None:
+            if out.request is None and self._heartbeat_settled(out):
                 add(out.retry.not_before)
         for running in self._tasks.values():
             if running.deadline is not None and running.cancel_reason is None:
@@ -438,7 +456,7 @@ class WorkerMachine:
                         OpenCommandChannel(channel=link.index, url=url, headers=headers)
                     )
         for out in self._outbox.values():
-            if out.request is None and out.retry.ready(now):
+            if out.request is None and out.retry.ready(now) and self._heartbeat_settled(out):
                 self._send_result(out)
         self._start_waiting(now)
         if state is WorkerState.RUNNING:
@@ -468,12 +486,15 @@ class WorkerMachine:
         link.register_request = self._request("register", link.index, req)
 
     def _send_heartbeat(self, link: _Link, now: float) -> None:
+        body = self._heartbeat_body()
         req = self._wire.heartbeat(
             url=link.orch.url,
             token=link.orch.token,
             worker_id=self.settings.worker_id,
-            state=self._heartbeat_body(),
+            state=body,
         )
+        link.reported_idle = body["status"] == "idle"
+        link.heartbeats_sent += 1
         link.heartbeat_due = None
         link.heartbeat_request = self._request("heartbeat", link.index, req)
         if link.abandon_polls and link.busy_heartbeat is None:
@@ -566,6 +587,7 @@ class WorkerMachine:
             self._on_poll_reply(link, status, retry_after, body, now, abandoned)
         elif purpose == "heartbeat":
             link.heartbeat_request = None
+            link.heartbeats_answered = link.heartbeats_sent
             if link.abandon_polls and link.busy_heartbeat == rid:
                 # "busy" reached the orchestrator (or it is unreachable): nothing new
                 # will be dispatched to us, so the parked polls may go.
@@ -620,8 +642,11 @@ class WorkerMachine:
             return  # a heartbeat that crossed a re-registration: nothing to learn
         outcome = self._wire.parse_heartbeat(status, retry_after, body)
         if outcome.kind == ReplyKind.OK and outcome.unknown_worker:
-            log.warning("%s no longer knows this worker (%s); registering again",
-                        link.orch.url, outcome.detail)
+            log.warning(
+                "%s no longer knows this worker (%s); registering again",
+                link.orch.url,
+                outcome.detail,
+            )
             link.move(LinkInput.FORGOTTEN)
             link.heartbeat_due = None
             link.register_retry.succeeded()
@@ -637,7 +662,9 @@ class WorkerMachine:
             link.healthy = False
         delay = link.heartbeat_retry.failed(now, self._rng, outcome.retry_after)
         link.heartbeat_due = now + min(delay, self.settings.heartbeat_interval)
-        log.warning("heartbeat to %s failed (%s)", link.orch.url, _detail(outcome.detail, body, status))
+        log.warning(
+            "heartbeat to %s failed (%s)", link.orch.url, _detail(outcome.detail, body, status)
+        )
 
     def _on_poll_reply(
         self,
@@ -676,8 +703,13 @@ class WorkerMachine:
         link.healthy = True
         if isinstance(parsed, MalformedTask):
             self._slots.poll_empty()
-            self._reject(parsed.job_id, parsed.task_id, link, f"malformed task from "
-                         f"{link.orch.url}: {parsed.reason}", now)
+            self._reject(
+                parsed.job_id,
+                parsed.task_id,
+                link,
+                f"malformed task from {link.orch.url}: {parsed.reason}",
+                now,
+            )
             return
         self._on_task(link, parsed, now)
 
@@ -695,8 +727,11 @@ class WorkerMachine:
             self._slots.poll_empty()
             known = ", ".join(sorted(self.settings.tasks)) or "none"
             self._reject(
-                t.job_id, t.task_id, link,
-                f"this worker has no handler for task type {t.type!r} (handlers: {known})", now,
+                t.job_id,
+                t.task_id,
+                link,
+                f"this worker has no handler for task type {t.type!r} (handlers: {known})",
+                now,
             )
             return
         self._slots.poll_got_task()
@@ -773,7 +808,9 @@ class WorkerMachine:
             self._state_changed(now)
             return
         delay = out.retry.failed(now, self._rng, outcome.retry_after)
-        level = logging.ERROR if out.attempts == self.settings.result_max_retries else logging.WARNING
+        level = (
+            logging.ERROR if out.attempts == self.settings.result_max_retries else logging.WARNING
+        )
         log.log(
             level,
             "result of task %s (job %s) not accepted by %s (%s, attempt %d); retrying in %.1fs%s",
@@ -793,7 +830,9 @@ class WorkerMachine:
         if running is None or not running.started:
             if running is not None:  # pragma: no cover - adapters only finish started tasks
                 self._tasks[event.task_id] = running
-            raise LocalProtocolError(f"HandlerFinished for task {event.task_id} that is not running")
+            raise LocalProtocolError(
+                f"HandlerFinished for task {event.task_id} that is not running"
+            )
         self._slots.stop(running.task_type)
         self._slots.release()
         result = dict(event.result)
@@ -808,12 +847,36 @@ class WorkerMachine:
                     TRANSIENT_ERROR, "the worker shut down before the task finished"
                 )
         task = running.task
-        self._enqueue_result(task.task_id, task.job_id, running.link, result)
+        out = self._enqueue_result(task.task_id, task.job_id, running.link, result)
         self._state_changed(now)
+        self._announce_before(out, now)
 
-    def _enqueue_result(self, task_id: str, job_id: str, link: int, result: Mapping[str, Any]) -> None:
+    def _heartbeat_settled(self, out: _Outgoing) -> bool:
+        link = self._links[out.link]
+        return out.after_heartbeat <= link.heartbeats_answered or link.state is not (
+            LinkState.REGISTERED
+        )
+
+    def _announce_before(self, out: _Outgoing, now: float) -> None:
+        """Hold a result until the orchestrator has heard that we are idle again.
+
+        The orchestrator acts on a result at once: a TRANSIENT_ERROR is re-dispatched
+        inside the result request, the job's next task right after it, and it
+        dispatches only to workers whose last heartbeat said ``idle``. A worker that
+        said ``busy`` and posts a result straight away makes it fail those jobs
+        ("No suitable workers"), so the heartbeat that frees the slot goes first.
+        """
+        link = self._links[out.link]
+        if link.state is LinkState.REGISTERED and link.reported_idle is False and self._accepting():
+            out.after_heartbeat = link.heartbeats_sent + 1
+            link.heartbeat_due = now
+
+    def _enqueue_result(
+        self, task_id: str, job_id: str, link: int, result: Mapping[str, Any]
+    ) -> _Outgoing:
         retry = Backoff(base=self.settings.result_retry_base, cap=self.settings.result_retry_cap)
-        self._outbox[task_id] = _Outgoing(task_id, job_id, link, result, retry)
+        out = self._outbox[task_id] = _Outgoing(task_id, job_id, link, result, retry)
+        return out
 
     def _cancel_task(self, task_id: str, reason: str, now: float) -> None:
         running = self._tasks.get(task_id)
@@ -834,12 +897,16 @@ class WorkerMachine:
         if reason == "shutdown":
             result: dict[str, Any] = {
                 "status": "failure",
-                "error": {"code": TRANSIENT_ERROR, "message": "the worker shut down before the task started"},
+                "error": {
+                    "code": TRANSIENT_ERROR,
+                    "message": "the worker shut down before the task started",
+                },
             }
         else:
             result = {"status": "cancelled"}
-        self._enqueue_result(task_id, running.task.job_id, running.link, result)
+        out = self._enqueue_result(task_id, running.task.job_id, running.link, result)
         self._state_changed(now)
+        self._announce_before(out, now)
 
     # -- command channel ---------------------------------------------------------------
 
