@@ -14,6 +14,7 @@ crash the worker's loop.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -153,7 +154,7 @@ def classify_status(status: int | None, retry_after: str | None = None) -> Outco
 def _loads(body: bytes) -> tuple[bool, Any]:
     try:
         return True, json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return False, None
 
 
@@ -390,7 +391,11 @@ class WireV1:
                 reason=f"task lacks a valid {', '.join(missing)}", job_id=job_id, task_id=task_id
             )
         priority = value.get("priority", 0)
-        if isinstance(priority, bool) or not isinstance(priority, int | float):
+        if (
+            isinstance(priority, bool)
+            or not isinstance(priority, int | float)
+            or (isinstance(priority, float) and not math.isfinite(priority))  # Infinity, NaN
+        ):
             priority = 0
         assert job_id is not None and task_id is not None and isinstance(task_type, str)
         return OrchestratorTask(
