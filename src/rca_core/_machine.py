@@ -502,14 +502,24 @@ class WorkerMachine:
 
     def _send_result(self, out: _Outgoing) -> None:
         link = self._links[out.link]
-        req = self._wire.result(
-            url=link.orch.url,
-            token=link.orch.token,
-            worker_id=self.settings.worker_id,
-            job_id=out.job_id,
-            task_id=out.task_id,
-            result=out.result,
-        )
+        try:
+            req = self._wire.result(
+                url=link.orch.url,
+                token=link.orch.token,
+                worker_id=self.settings.worker_id,
+                job_id=out.job_id,
+                task_id=out.task_id,
+                result=out.result,
+            )
+        except (TypeError, ValueError) as exc:
+            # Not JSON (a set, NaN, an object): retrying cannot help, and raising
+            # here would fail every later pump. Report the failure instead.
+            message = f"the handler's result cannot be sent as JSON: {exc}"
+            log.error("task %s (job %s): %s: %r", out.task_id, out.job_id, message, out.result)
+            error = {"code": PERMANENT_ERROR, "message": message}
+            out.result = {"status": "failure", "error": error}
+            self._send_result(out)
+            return
         out.attempts += 1
         out.request = self._request("result", link.index, req, out.task_id)
 
@@ -951,12 +961,16 @@ class WorkerMachine:
         if not link.channel_open:
             log.debug("progress of task %s not sent: no command channel", event.task_id)
             return
-        text = self._wire.progress(
-            task_id=event.task_id,
-            job_id=running.task.job_id,
-            progress=event.progress,
-            message=event.message,
-        )
+        try:
+            text = self._wire.progress(
+                task_id=event.task_id,
+                job_id=running.task.job_id,
+                progress=event.progress,
+                message=event.message,
+            )
+        except (TypeError, ValueError) as exc:  # NaN, infinity, not a number
+            log.warning("progress of task %s not sent: %s", event.task_id, exc)
+            return
         self._effects.append(SendCommandMessage(channel=link.index, text=text))
 
     def _on_hot_cache(self, event: HotCacheChanged, now: float) -> None:
