@@ -18,64 +18,68 @@ no trailing newline).
 
 Variables of the reference SDK (same names, same defaults):
 
-=================================  ===========================  ==========================================
-variable                           default                      accepted values
-=================================  ===========================  ==========================================
-WORKER_ID                          ``worker-<uuid4 hex>``       letters, digits, ``_``, ``-`` (what the
-                                                                orchestrator accepts as a worker id)
-WORKER_TYPE                        ``generic-cpu-worker``       non-empty string
-WORKER_PORT                        ``8083``                     0..65535 (health server; 0 = any free port)
-WORKER_TOKEN                       ``your-secret-worker-token`` non-empty string (secret)
-WORKER_INDIVIDUAL_TOKEN            unset                        string (secret); overrides WORKER_TOKEN
-ORCHESTRATOR_URL                   ``http://localhost:8080``    http(s) URL
-ORCHESTRATORS_CONFIG               ``[]``                       JSON list of ``{url, priority, weight,
-                                                                token}`` objects
-MULTI_ORCHESTRATOR_MODE            ``FAILOVER``                 ``FAILOVER`` or ``ROUND_ROBIN``
-MAX_CONCURRENT_TASKS               ``10``                       positive integer
-COST_PER_SKILL                     ``{}``                       JSON object: skill -> cost (number >= 0)
-CPU_CORES                          ``4``                        positive integer
-GPU_MODEL                          unset                        string
-GPU_VRAM_GB                        ``0``                        integer >= 0
-INSTALLED_SOFTWARE                 ``{"python": "3.9"}``        JSON object: name -> version string
-INSTALLED_MODELS                   ``[]``                       JSON list of objects with a ``name``
-HEARTBEAT_INTERVAL                 ``15``                       seconds > 0
-WORKER_HEARTBEAT_DEBOUNCE_DELAY    ``0.1``                      seconds >= 0
-WORKER_ENABLE_WEBSOCKETS           ``false``                    boolean
-RESULT_MAX_RETRIES                 ``5``                        integer >= 0
-RESULT_RETRY_INITIAL_DELAY         ``1.0``                      seconds > 0
-TASK_POLL_TIMEOUT                  ``30``                       seconds > 0
-TASK_POLL_ERROR_DELAY              ``5.0``                      seconds > 0
-IDLE_POLL_DELAY                    ``0.01``                     seconds >= 0
-TASK_FILES_DIR                     ``/tmp/payloads``            non-empty path
-S3_ENDPOINT_URL                    unset                        http(s) URL
-S3_ACCESS_KEY                      unset                        string
-S3_SECRET_KEY                      unset                        string (secret)
-S3_DEFAULT_BUCKET                  ``avtomatika-payloads``      bucket name (no ``/``, no blanks)
-S3_REGION                          ``us-east-1``                non-empty string
-=================================  ===========================  ==========================================
+===============================  ============================  ===================================
+variable                         default                       accepted values
+===============================  ============================  ===================================
+WORKER_ID                        ``worker-<uuid4 hex>``        letters, digits, ``_``, ``-`` (the
+                                                               orchestrator rejects other ids)
+WORKER_TYPE                      ``generic-cpu-worker``        non-empty string
+WORKER_PORT                      ``8083``                      0..65535 (health server; 0 = any)
+WORKER_TOKEN                     ``your-secret-worker-token``  non-empty string (secret)
+WORKER_INDIVIDUAL_TOKEN          unset                         string (secret); wins over
+                                                               WORKER_TOKEN
+ORCHESTRATOR_URL                 ``http://localhost:8080``     http(s) URL
+ORCHESTRATORS_CONFIG             ``[]``                        JSON list of ``{url, priority,
+                                                               weight, token}`` objects
+MULTI_ORCHESTRATOR_MODE          ``FAILOVER``                  ``FAILOVER`` or ``ROUND_ROBIN``
+MAX_CONCURRENT_TASKS             ``10``                        positive integer
+COST_PER_SKILL                   ``{}``                        JSON object: skill -> cost >= 0
+CPU_CORES                        ``4``                         positive integer
+GPU_MODEL                        unset                         string
+GPU_VRAM_GB                      ``0``                         integer >= 0
+INSTALLED_SOFTWARE               ``{"python": "3.9"}``         JSON object: name -> version
+INSTALLED_MODELS                 ``[]``                        JSON list of objects with a
+                                                               ``name``
+HEARTBEAT_INTERVAL               ``15``                        seconds > 0
+WORKER_HEARTBEAT_DEBOUNCE_DELAY  ``0.1``                       seconds >= 0
+WORKER_ENABLE_WEBSOCKETS         ``false``                     boolean
+RESULT_MAX_RETRIES               ``5``                         integer >= 0
+RESULT_RETRY_INITIAL_DELAY       ``1.0``                       seconds > 0
+TASK_POLL_TIMEOUT                ``30``                        seconds > 0
+TASK_POLL_ERROR_DELAY            ``5.0``                       seconds > 0
+IDLE_POLL_DELAY                  ``0.01``                      seconds >= 0
+TASK_FILES_DIR                   ``/tmp/payloads``             non-empty path
+S3_ENDPOINT_URL                  unset                         http(s) URL
+S3_ACCESS_KEY                    unset                         string
+S3_SECRET_KEY                    unset                         string (secret)
+S3_DEFAULT_BUCKET                ``avtomatika-payloads``       bucket name (no ``/``, no blanks)
+S3_REGION                        ``us-east-1``                 non-empty string
+===============================  ============================  ===================================
 
 Variables of this SDK only:
 
-=================================  ===========================  ==========================================
-variable                           default                      meaning
-=================================  ===========================  ==========================================
-WORKER_HOST                        ``0.0.0.0``                  host the health server binds to
-SHUTDOWN_TIMEOUT                   ``30``                       seconds running tasks get to finish after
-                                                                SIGTERM before they are cancelled (>= 0)
-TASK_TIMEOUT                       unset (``0``)                per-task handler time limit in seconds;
-                                                                unset or 0 means no limit
-RESULT_OUTBOX_LIMIT                ``1000``                     undelivered results kept before the
-                                                                worker stops polling for more work (>= 1)
-MAX_PARALLEL_POLLS                 ``0``                        long polls in flight at once; 0 means as
-                                                                many as there are free slots
-S3_KEY_PREFIX                      ``results``                  key prefix for uploaded results; ``/``
-                                                                for none; no ``.``/``..`` segments
-S3_MAX_CONCURRENCY                 ``8``                        S3 transfers in flight at once (>= 1)
-LOG_FORMAT                         ``text``                     ``text`` or ``json``
-HEALTH_BLOCKED_THRESHOLD           ``5.0``                      seconds of event-loop lag after which
-                                                                ``/health`` reports the worker blocked
-RCA_BACKEND                        ``asyncio``                  ``asyncio`` or ``trio`` (the anyio adapter)
-=================================  ===========================  ==========================================
+===============================  ============================  ===================================
+variable                         default                       meaning
+===============================  ============================  ===================================
+WORKER_HOST                      ``0.0.0.0``                   host the health server binds to
+SHUTDOWN_TIMEOUT                 ``30``                        seconds running tasks get to finish
+                                                               after SIGTERM before they are
+                                                               cancelled (>= 0)
+TASK_TIMEOUT                     unset (``0``)                 per-task handler time limit in
+                                                               seconds; unset or 0: no limit
+RESULT_OUTBOX_LIMIT              ``1000``                      undelivered results kept before
+                                                               the worker stops polling (>= 1)
+MAX_PARALLEL_POLLS               ``0``                         long polls in flight at once; 0:
+                                                               one per free slot
+S3_KEY_PREFIX                    ``results``                   key prefix of uploaded results;
+                                                               ``/`` for none; no ``.``/``..``
+S3_MAX_CONCURRENCY               ``8``                         S3 transfers in flight (>= 1)
+LOG_FORMAT                       ``text``                      ``text`` or ``json``
+HEALTH_BLOCKED_THRESHOLD         ``5.0``                       seconds of event-loop lag after
+                                                               which ``/health`` says "blocked"
+RCA_BACKEND                      ``asyncio``                   ``asyncio`` or ``trio`` (the anyio
+                                                               adapter only)
+===============================  ============================  ===================================
 
 Booleans accept ``true/false/1/0/yes/no`` in any case. ``ORCHESTRATORS_CONFIG``
 that is unset, ``[]`` or not JSON at all falls back to ``ORCHESTRATOR_URL`` (the
@@ -96,7 +100,7 @@ import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, TypeGuard, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import ConfigError
@@ -239,16 +243,17 @@ class ResolvedConfig:
             self.s3_secret_key,
             *(spec.token for spec in self.orchestrators),
         ]
-        return tuple(sorted({s for s in found if s}))
+        found.extend(_url_password(spec.url) for spec in self.orchestrators)
+        found.extend(_url_password(url) for url in (self.orchestrator_url, self.s3_endpoint_url))
+        # Longest first, so that redacting a secret never leaves part of a longer one.
+        return tuple(sorted({s for s in found if s}, key=lambda s: (-len(s), s)))
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
         return f"ResolvedConfig({shown})"
 
 
-_RESOLVED_FIELDS: tuple[str, ...] = tuple(
-    name for name in ResolvedConfig.__dataclass_fields__
-)
+_RESOLVED_FIELDS: tuple[str, ...] = tuple(ResolvedConfig.__dataclass_fields__)
 _SECRET_FIELDS = frozenset({"worker_token", "worker_individual_token", "s3_secret_key"})
 
 
@@ -274,15 +279,21 @@ def _show(value: object) -> str:
     return text
 
 
+def _url_password(url: str | None) -> str | None:
+    """The password in a URL's userinfo (``http://user:password@host``), if any."""
+    if url is None:
+        return None
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
 def _mask_url(url: str) -> str:
     """The URL with any password in it replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
+    if not _url_password(url):
         return url
-    if not password:
-        return url
+    parts = urlsplit(url)
     netloc = parts.netloc.rsplit("@", 1)
     userinfo = netloc[0].split(":", 1)[0]
     return urlunsplit(parts._replace(netloc=f"{userinfo}:{_MASK}@{netloc[1]}"))
@@ -348,7 +359,7 @@ def _http_url(value: object, expected: str = "an http:// or https:// URL with a 
         raise _Invalid(expected)
     try:
         parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
+        _ = parts.port  # raises ValueError for a port out of range
     except ValueError:
         raise _Invalid(expected) from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
@@ -462,6 +473,13 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _json_error(exc: ValueError) -> str:
+    """Where a JSON document broke, without quoting it (it may hold tokens)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    return str(exc)
+
+
 def _json(value: object, expected: str) -> object:
     """A JSON document from the environment, or the object a user assigned in code.
 
@@ -475,17 +493,11 @@ def _json(value: object, expected: str) -> object:
     except RecursionError:
         raise _Invalid(f"{expected} (nested too deeply)") from None
     except ValueError as exc:
-        # JSONDecodeError.msg never quotes the document, which may hold tokens.
-        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-        raise _Invalid(f"{expected} (not valid JSON: {detail})") from None
+        raise _Invalid(f"{expected} (not valid JSON: {_json_error(exc)})") from None
 
 
-def _finite_number(value: object) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+def _finite_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _cost_per_skill(value: object) -> dict[str, float]:
@@ -529,7 +541,7 @@ def _plain_json_copy(value: object) -> object:
     raise _Invalid("JSON values")
 
 
-def _installed_models(value: object) -> tuple[dict[str, object], ...]:
+def _installed_models(value: object) -> list[dict[str, object]]:
     expected = 'a JSON list of objects such as {"name": "...", "version": "..."}'
     data = _json(value, expected)
     if not isinstance(data, list | tuple):
@@ -545,9 +557,8 @@ def _installed_models(value: object) -> tuple[dict[str, object], ...]:
             copy = _plain_json_copy(item)
         except (_Invalid, RecursionError):
             raise _Invalid(expected) from None
-        assert isinstance(copy, dict)
-        out.append(copy)
-    return tuple(out)
+        out.append(cast("dict[str, object]", copy))
+    return out
 
 
 # --------------------------------------------------------------------------- orchestrators
@@ -563,15 +574,14 @@ def _orchestrator_entry(entry: object, where: str) -> OrchestratorSpec:
             "token": entry.token,
         }
     if not isinstance(entry, Mapping):
-        raise ConfigError(
-            f"{where}: expected an object with a 'url', got {type(entry).__name__}"
-        )
+        raise ConfigError(f"{where}: expected an object with a 'url', got {type(entry).__name__}")
     if "url" not in entry:
         raise ConfigError(f"{where}: 'url' is missing: every orchestrator needs an http(s) URL")
     try:
         url = _http_url(entry["url"])
     except _Invalid as exc:
-        raise ConfigError(f"{where}: url={_show(entry['url'])}: expected {exc.expected}") from None
+        shown = _show(_mask_url(url) if isinstance(url := entry["url"], str) else url)
+        raise ConfigError(f"{where}: url={shown}: expected {exc.expected}") from None
     priority = entry.get("priority", 10)
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise ConfigError(f"{where}: priority={_show(priority)}: expected an integer")
@@ -610,11 +620,14 @@ def _orchestrators_config(value: object, label: str) -> list[OrchestratorSpec]:
         try:
             value = json.loads(value, parse_constant=_reject_constant)
         except RecursionError:
-            raise ConfigError(f"{label}: expected a JSON list of orchestrators (nested too deeply)")
+            raise ConfigError(
+                f"{label}: expected a JSON list of orchestrators (nested too deeply)"
+            ) from None
         except ValueError as exc:
-            detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
             _logger.warning(
-                "%s is not valid JSON (%s); falling back to ORCHESTRATOR_URL", label, detail
+                "%s is not valid JSON (%s); falling back to ORCHESTRATOR_URL",
+                label,
+                _json_error(exc),
             )
             return []
     if not isinstance(value, list | tuple):
@@ -680,9 +693,7 @@ _SETTINGS: tuple[_Setting, ...] = (
         parse=_choice({"failover": "FAILOVER", "round_robin": "ROUND_ROBIN"}),
         default=_const("FAILOVER"),
     ),
-    _Setting(
-        name="MAX_CONCURRENT_TASKS", parse=_int(1, "a positive integer"), default=_const(10)
-    ),
+    _Setting(name="MAX_CONCURRENT_TASKS", parse=_int(1, "a positive integer"), default=_const(10)),
     _Setting(
         name="MAX_PARALLEL_POLLS",
         parse=_int(0, "an integer >= 0 (0: one poll per free slot)"),
@@ -695,7 +706,7 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting(
         name="INSTALLED_SOFTWARE", parse=_installed_software, default=lambda: {"python": "3.9"}
     ),
-    _Setting(name="INSTALLED_MODELS", parse=_installed_models, default=tuple),
+    _Setting(name="INSTALLED_MODELS", parse=_installed_models, default=list),
     _Setting(name="HEARTBEAT_INTERVAL", parse=_seconds(positive=True), default=_const(15.0)),
     _Setting(
         name="WORKER_HEARTBEAT_DEBOUNCE_DELAY",
@@ -704,9 +715,7 @@ _SETTINGS: tuple[_Setting, ...] = (
     ),
     _Setting(name="WORKER_ENABLE_WEBSOCKETS", parse=_bool, default=_const(False)),
     _Setting(name="RESULT_MAX_RETRIES", parse=_int(0, "an integer >= 0"), default=_const(5)),
-    _Setting(
-        name="RESULT_RETRY_INITIAL_DELAY", parse=_seconds(positive=True), default=_const(1.0)
-    ),
+    _Setting(name="RESULT_RETRY_INITIAL_DELAY", parse=_seconds(positive=True), default=_const(1.0)),
     _Setting(name="RESULT_OUTBOX_LIMIT", parse=_int(1, "a positive integer"), default=_const(1000)),
     _Setting(name="TASK_POLL_TIMEOUT", parse=_seconds(positive=True), default=_const(30.0)),
     _Setting(name="TASK_POLL_ERROR_DELAY", parse=_seconds(positive=True), default=_const(5.0)),
@@ -726,9 +735,7 @@ _SETTINGS: tuple[_Setting, ...] = (
         parse=_choice({"text": "text", "json": "json"}),
         default=_const("text"),
     ),
-    _Setting(
-        name="HEALTH_BLOCKED_THRESHOLD", parse=_seconds(positive=True), default=_const(5.0)
-    ),
+    _Setting(name="HEALTH_BLOCKED_THRESHOLD", parse=_seconds(positive=True), default=_const(5.0)),
     _Setting(
         name="RCA_BACKEND",
         parse=_choice({"asyncio": "asyncio", "trio": "trio"}),
@@ -746,7 +753,10 @@ _REFERENCE_ONLY = {
 
 
 def _fail(label: str, value: object, secret: bool, expected: str) -> NoReturn:
-    shown = "<hidden>" if secret else _show(value)
+    if secret:
+        shown = "<hidden>"
+    else:
+        shown = _show(_mask_url(value) if isinstance(value, str) else value)
     raise ConfigError(f"{label}={shown}: expected {expected}")
 
 
@@ -772,7 +782,7 @@ class WorkerConfig:
     WORKER_TOKEN: str
     WORKER_INDIVIDUAL_TOKEN: str | None
     ORCHESTRATOR_URL: str
-    ORCHESTRATORS_CONFIG: list[dict[str, object]]
+    ORCHESTRATORS_CONFIG: list[dict[str, object] | OrchestratorSpec]
     MULTI_ORCHESTRATOR_MODE: str
     MAX_CONCURRENT_TASKS: int
     MAX_PARALLEL_POLLS: int
@@ -781,7 +791,7 @@ class WorkerConfig:
     GPU_MODEL: str | None
     GPU_VRAM_GB: int
     INSTALLED_SOFTWARE: dict[str, str]
-    INSTALLED_MODELS: tuple[dict[str, object], ...]
+    INSTALLED_MODELS: list[dict[str, object]]
     HEARTBEAT_INTERVAL: float
     WORKER_HEARTBEAT_DEBOUNCE_DELAY: float
     WORKER_ENABLE_WEBSOCKETS: bool
@@ -819,21 +829,21 @@ class WorkerConfig:
             setattr(self, setting.name, value)
 
     @property
-    def HEARTBEAT_DEBOUNCE_DELAY(self) -> float:  # noqa: N802 - the reference SDK's name
+    def HEARTBEAT_DEBOUNCE_DELAY(self) -> float:
         """Alias of WORKER_HEARTBEAT_DEBOUNCE_DELAY (the reference SDK's attribute name)."""
         return self.WORKER_HEARTBEAT_DEBOUNCE_DELAY
 
     @HEARTBEAT_DEBOUNCE_DELAY.setter
-    def HEARTBEAT_DEBOUNCE_DELAY(self, value: float) -> None:  # noqa: N802
+    def HEARTBEAT_DEBOUNCE_DELAY(self, value: float) -> None:
         self.WORKER_HEARTBEAT_DEBOUNCE_DELAY = value
 
     @property
-    def ENABLE_WEBSOCKETS(self) -> bool:  # noqa: N802 - the reference SDK's name
+    def ENABLE_WEBSOCKETS(self) -> bool:
         """Alias of WORKER_ENABLE_WEBSOCKETS (the reference SDK's attribute name)."""
         return self.WORKER_ENABLE_WEBSOCKETS
 
     @ENABLE_WEBSOCKETS.setter
-    def ENABLE_WEBSOCKETS(self, value: bool) -> None:  # noqa: N802
+    def ENABLE_WEBSOCKETS(self, value: bool) -> None:
         self.WORKER_ENABLE_WEBSOCKETS = value
 
     def resolve(self) -> ResolvedConfig:
@@ -873,6 +883,7 @@ class WorkerConfig:
             for s in sorted(specs, key=lambda s: s.priority)
         )
         values["orchestrators"] = resolved
+        values["installed_models"] = tuple(values["installed_models"])
 
         if (values["s3_access_key"] is None) != (values["s3_secret_key"] is None):
             have, missing = (
@@ -926,12 +937,18 @@ def _show_orchestrators(value: object) -> str:
     shown: list[str] = []
     for entry in value:
         if isinstance(entry, Mapping):
-            masked = {
-                k: (_MASK if k == "token" and v is not None else v) for k, v in entry.items()
-            }
+            masked = {k: _mask_entry_value(k, v) for k, v in entry.items()}
             shown.append(repr(masked))
         elif isinstance(entry, OrchestratorSpec):
             shown.append(repr(entry))
         else:
             shown.append(f"<{type(entry).__name__}>")
     return "[" + ", ".join(shown) + "]"
+
+
+def _mask_entry_value(key: object, value: object) -> object:
+    if key == "token" and value is not None:
+        return _MASK
+    if key == "url" and isinstance(value, str):
+        return _mask_url(value)
+    return value
