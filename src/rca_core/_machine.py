@@ -75,6 +75,9 @@ log = logging.getLogger("rca_core.worker")
 SLOW_RETRY_CAP = 60.0
 #: After the drain deadline cancelled what was left, results get this long to go out.
 SHUTDOWN_GRACE = 10.0
+#: Cancels that arrived before their task, remembered at most this many.
+PRECANCELLED_LIMIT = 1000
+CANCELLED_BY_ORCHESTRATOR = "cancelled by the orchestrator"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -251,6 +254,7 @@ class WorkerMachine:
         self._waiting: deque[str] = deque()
         self._outbox: dict[str, _Outgoing] = {}
         self._hot_cache: list[str] = []
+        self._precancelled: dict[str, float] = {}
         self._drain_deadline: float | None = None
         self._give_up_deadline: float | None = None
         self._stop_emitted = False
@@ -377,6 +381,7 @@ class WorkerMachine:
                     "url": link.orch.url,
                     "state": link.state.value,
                     "healthy": link.healthy,
+                    "announced": link.heartbeat_ok_since_register,
                     "polls": len(link.polls),
                     "command_channel": link.channel_open,
                 }
@@ -733,6 +738,11 @@ class WorkerMachine:
                 t.job_id,
             )
             return
+        if self._precancelled.pop(t.task_id, None) is not None:
+            self._slots.poll_empty()
+            log.info("task %s (job %s) was cancelled before it arrived", t.task_id, t.job_id)
+            self._enqueue_result(t.task_id, t.job_id, link.index, {"status": "cancelled"})
+            return
         if t.type not in self.settings.tasks:
             self._slots.poll_empty()
             known = ", ".join(sorted(self.settings.tasks)) or "none"
@@ -891,7 +901,15 @@ class WorkerMachine:
     def _cancel_task(self, task_id: str, reason: str, now: float) -> None:
         running = self._tasks.get(task_id)
         if running is None:
-            log.info("cancel for task %s, which is not running here: ignored", task_id)
+            if reason == CANCELLED_BY_ORCHESTRATOR and task_id not in self._outbox:
+                # 1.0b10 may send cancel_task while the task still waits in its
+                # queue: remember it, so that the task is answered, not run.
+                self._precancelled[task_id] = now
+                while len(self._precancelled) > PRECANCELLED_LIMIT:
+                    del self._precancelled[next(iter(self._precancelled))]
+                log.info("cancel for task %s before it arrived: it will not run", task_id)
+            else:
+                log.info("cancel for task %s, which is not running here: ignored", task_id)
             return
         if running.cancel_reason is not None:
             return
@@ -923,7 +941,7 @@ class WorkerMachine:
     def _on_command(self, event: CommandReceived, now: float) -> None:
         parsed = self._wire.parse_command(event.text)
         if isinstance(parsed, CancelCommand):
-            self._cancel_task(parsed.task_id, "cancelled by the orchestrator", now)
+            self._cancel_task(parsed.task_id, CANCELLED_BY_ORCHESTRATOR, now)
         else:
             log.warning("command from %s ignored: %s", self._link_url(event.channel), parsed.reason)
 
