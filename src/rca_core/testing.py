@@ -60,6 +60,7 @@ class Reply:
 
 
 _NO_REPLY = Reply(status=None, body=b"connection refused")
+_RESET = Reply(status=None, body=b"connection reset")
 
 
 @dataclass(kw_only=True)
@@ -300,11 +301,12 @@ class Simulation:
             self._deliver(rid, Reply(status=204))
 
     def _wake_parked(self) -> None:
-        """Hand queued tasks to parked polls, as the real server's blocking pop does."""
+        """Hand queued tasks to parked polls, as the real server's blocking pop does.
+
+        A fake that went down drops its parked polls: they end with no reply.
+        """
         for rid, (fake, _) in list(self._parked.items()):
-            if fake.down:
-                continue
-            reply = fake.next_task()
+            reply = _RESET if fake.down else fake.next_task()
             if reply is not None:
                 del self._parked[rid]
                 self.at(
@@ -369,6 +371,7 @@ class Simulation:
         self.now = max(self.now, end)
 
     def _next_time(self) -> float | None:
+        self._wake_parked()  # a task queued since the last step is handed over now
         deadline = self.machine.next_deadline()
         when = self._timeline[0][0] if self._timeline else None
         candidates = [t for t in (deadline, when) if t is not None]
