@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from tests.support.orchestrator import (
@@ -59,17 +60,23 @@ class Size:
             raise ValueError("Width and height must be positive.")
 
 
-async def run_job(orch: RealOrchestrator, task: str, params: dict[str, Any], **wait: Any) -> dict[str, Any]:
-    job_id = await orch.create_job(INTEROP_BLUEPRINT, {"task": task, "params": params, "timeout_seconds": 60})
+async def run_job(
+    orch: RealOrchestrator, task: str, params: dict[str, Any], **wait: Any
+) -> dict[str, Any]:
+    job_id = await orch.create_job(
+        INTEROP_BLUEPRINT, {"task": task, "params": params, "timeout_seconds": 60}
+    )
     return await orch.wait_for_job(job_id, timeout=wait.pop("timeout", 30), **wait)
 
 
-async def test_success_and_custom_status(case: AdapterCase, real_orchestrator: RealOrchestrator, tmp_path: Any) -> None:
+async def test_success_and_custom_status(
+    case: AdapterCase, real_orchestrator: RealOrchestrator, tmp_path: Any
+) -> None:
     worker = make_worker(case, real_orchestrator, tmp_path)
 
     @worker.task("echo")
     async def echo(params: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         return {"status": "success", "data": {"echo": params, "job": kwargs["job_id"]}}
 
     @worker.task("review")
@@ -85,7 +92,9 @@ async def test_success_and_custom_status(case: AdapterCase, real_orchestrator: R
         assert job["state_history"] == {"reason": "low confidence"}
 
 
-async def test_transient_retried_then_succeeds(case: AdapterCase, real_orchestrator: RealOrchestrator, tmp_path: Any) -> None:
+async def test_transient_retried_then_succeeds(
+    case: AdapterCase, real_orchestrator: RealOrchestrator, tmp_path: Any
+) -> None:
     worker = make_worker(case, real_orchestrator, tmp_path)
     attempts: list[str] = []
 
@@ -93,7 +102,10 @@ async def test_transient_retried_then_succeeds(case: AdapterCase, real_orchestra
     async def flaky(params: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         attempts.append(kwargs["task_id"])
         if len(attempts) == 1:
-            return {"status": "failure", "error": {"code": "TRANSIENT_ERROR", "message": "try again"}}
+            return {
+                "status": "failure",
+                "error": {"code": "TRANSIENT_ERROR", "message": "try again"},
+            }
         return {"status": "success", "data": {"attempt": len(attempts)}}
 
     with running_worker(worker, case):
@@ -122,12 +134,17 @@ async def test_unhandled_exception_is_transient_and_exhausts(
     assert "RuntimeError" in job["error_message"]
 
 
-async def test_permanent_and_invalid_input(case: AdapterCase, real_orchestrator: RealOrchestrator, tmp_path: Any) -> None:
+async def test_permanent_and_invalid_input(
+    case: AdapterCase, real_orchestrator: RealOrchestrator, tmp_path: Any
+) -> None:
     worker = make_worker(case, real_orchestrator, tmp_path)
 
     @worker.task("permanent")
     async def permanent(params: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        return {"status": "failure", "error": {"code": "PERMANENT_ERROR", "message": "corrupted file"}}
+        return {
+            "status": "failure",
+            "error": {"code": "PERMANENT_ERROR", "message": "corrupted file"},
+        }
 
     @worker.task("resize")
     async def resize(params: Size, **kwargs: Any) -> dict[str, Any]:
@@ -136,12 +153,16 @@ async def test_permanent_and_invalid_input(case: AdapterCase, real_orchestrator:
     with running_worker(worker, case):
         job = await run_job(real_orchestrator, "permanent", {}, statuses=["quarantined"])
         assert "corrupted file" in job["error_message"]
-        job = await run_job(real_orchestrator, "resize", {"width": -1, "height": 2}, statuses=["failed"])
+        job = await run_job(
+            real_orchestrator, "resize", {"width": -1, "height": 2}, statuses=["failed"]
+        )
         assert "invalid input" in job["error_message"]
         assert "Width and height must be positive" in job["error_message"]
         job = await run_job(real_orchestrator, "resize", {"width": 3}, statuses=["failed"])
         assert "height" in job["error_message"]
-        job = await run_job(real_orchestrator, "resize", {"width": 3, "height": 4}, states=[DONE_STATE])
+        job = await run_job(
+            real_orchestrator, "resize", {"width": 3, "height": 4}, states=[DONE_STATE]
+        )
         assert job["state_history"] == {"area": 12}
 
 
@@ -163,8 +184,13 @@ async def test_cancel_running_task_over_websocket(
         return {"data": {"finished": True}}
 
     with running_worker(worker, case) as running:
-        wait_until(lambda: any(o["command_channel"] for o in running.snapshot().get("orchestrators", [])), timeout=10)
-        job_id = await real_orchestrator.create_job(INTEROP_BLUEPRINT, {"task": "slow", "params": {}, "timeout_seconds": 60})
+        wait_until(
+            lambda: any(o["command_channel"] for o in running.snapshot().get("orchestrators", [])),
+            timeout=10,
+        )
+        job_id = await real_orchestrator.create_job(
+            INTEROP_BLUEPRINT, {"task": "slow", "params": {}, "timeout_seconds": 60}
+        )
         await anyio.to_thread.run_sync(lambda: started.wait(15))
         assert started.is_set()
         await real_orchestrator.cancel_job(job_id)
@@ -197,5 +223,7 @@ async def test_one_slot_worker_runs_a_stream_of_jobs(
                 )
             )
             await anyio.sleep(0.3)  # a free worker must be idle when each job is dispatched
-        jobs = [await real_orchestrator.wait_for_job(i, states=[DONE_STATE], timeout=30) for i in ids]
+        jobs = [
+            await real_orchestrator.wait_for_job(i, states=[DONE_STATE], timeout=30) for i in ids
+        ]
     assert [j["state_history"]["n"] for j in jobs] == list(range(6))

@@ -61,7 +61,9 @@ class RunningWorker:
         self._trio_token: Any = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._main, name=f"worker-{self.case.id}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._main, name=f"worker-{self.case.id}", daemon=True
+        )
         self._thread.start()
         if not self._ready.wait(10):
             raise RuntimeError("the worker thread did not start within 10 s")
