@@ -738,6 +738,21 @@ class WorkerMachine:
                 t.job_id,
             )
             return
+        if self._state is WorkerState.CANCELLING or self._state is WorkerState.STOPPED:
+            # A poll reply that won the race against its cancellation: too late to run.
+            self._slots.poll_empty()
+            if self._state is WorkerState.STOPPED:
+                log.error(
+                    "task %s (job %s) arrived after the worker stopped: not run, not answered",
+                    t.task_id,
+                    t.job_id,
+                )
+                return
+            log.warning("task %s (job %s) arrived while shutting down", t.task_id, t.job_id)
+            message = "the worker shut down before the task started"
+            result = failure_result(TRANSIENT_ERROR, message)
+            self._enqueue_result(t.task_id, t.job_id, link.index, result)
+            return
         if self._precancelled.pop(t.task_id, None) is not None:
             self._slots.poll_empty()
             log.info("task %s (job %s) was cancelled before it arrived", t.task_id, t.job_id)
