@@ -796,8 +796,12 @@ class WorkerMachine:
     ) -> None:
         """Answer a task that cannot run with a failure, if it can be identified at all."""
         self.counters["tasks_rejected"] += 1
-        if job_id is None or task_id is None or task_id in self._outbox:
+        if job_id is None or task_id is None:
             log.error("%s; it cannot be identified, so no result can be sent", reason)
+            return
+        if task_id in self._tasks or task_id in self._outbox:
+            # Its earlier delivery is still in progress here and will be answered.
+            log.error("task %s (job %s): %s; already in progress here", task_id, job_id, reason)
             return
         log.error("task %s (job %s): %s; reporting %s", task_id, job_id, reason, PERMANENT_ERROR)
         self._enqueue_result(
