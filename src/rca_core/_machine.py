@@ -632,6 +632,7 @@ class WorkerMachine:
         link.move(LinkInput.REGISTER_FAILED)
         link.healthy = False
         if outcome.kind == ReplyKind.RETRY:
+            link.register_retry.cap = self.settings.retry_cap  # a 4xx's slow cap no longer applies
             delay = link.register_retry.failed(now, self._rng, outcome.retry_after)
             log.warning(
                 "registration with %s failed (%s); retrying in %.1fs",
