@@ -215,6 +215,7 @@ class _Driver(Driver):
         self._sockets: dict[int, aiohttp.ClientWebSocketResponse] = {}
         self._closing: set[int] = set()
         self._background: set[asyncio.Task[Any]] = set()
+        self._cleanups: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._files_root = config.task_files_dir
 
@@ -260,7 +261,9 @@ class _Driver(Driver):
     def do_cleanup(self, task_id: str) -> None:
         task_dir = self._task_dir(task_id)
         if os.path.isdir(task_dir):
-            self._spawn(asyncio.to_thread(shutil.rmtree, task_dir, True))
+            cleanup = self._spawn(asyncio.to_thread(shutil.rmtree, task_dir, True))
+            self._cleanups.add(cleanup)
+            cleanup.add_done_callback(self._cleanups.discard)
 
     def do_open_channel(self, effect: OpenCommandChannel) -> None:
         self._channels[effect.channel] = self._spawn(self._channel(effect))
@@ -387,6 +390,8 @@ class _Driver(Driver):
         self.finished = True
         self.stopped.set()
         self.set_timer(None)
+        if self._cleanups:  # task folders go before the process does
+            await asyncio.wait(list(self._cleanups), timeout=30.0)
         pending = [t for t in self._background if not t.done()]
         for t in pending:
             t.cancel()
