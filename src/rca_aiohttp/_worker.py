@@ -40,6 +40,7 @@ from rca_core._events import (
     Task,
 )
 from rca_core._execution import execute_task, standard_extras
+from rca_core._logs import Redactor
 from rca_core._machine import WorkerMachine
 from rca_core._paths import task_dir_name
 from rca_core._results import cancelled_result
@@ -117,6 +118,8 @@ class Worker:
         s3 = _make_s3(resolved)
         driver = _Driver(machine, session, self._definition, resolved, s3)
         self._driver = driver
+        redactor = Redactor(resolved.secret_values())
+        redactor.install()
         loop = asyncio.get_running_loop()
         installed: list[int] = []
         health_runner = None
@@ -158,6 +161,7 @@ class Worker:
                 await s3.close()
             if own_session:
                 await session.close()
+            redactor.remove()
             self._driver = None
         if driver.failure is not None:
             raise driver.failure
@@ -218,6 +222,7 @@ class _Driver(Driver):
         self._cleanups: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._files_root = config.task_files_dir
+        self._secrets = config.secret_values()
 
     # -- Driver's primitives -----------------------------------------------------------
 
@@ -332,6 +337,7 @@ class _Driver(Driver):
                 run_sync=asyncio.to_thread,
                 transfers=self.s3,
                 path_type=Path,
+                redact=self._secrets,
             )
         except asyncio.CancelledError:
             if task_id not in self._cancelling:

@@ -9,7 +9,7 @@ adapter's business (a cancelled ``await`` propagates through here untouched).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from ._app import WorkerDefinition
@@ -41,6 +41,7 @@ async def execute_task(
     run_sync: Callable[[Callable[[], Any]], Awaitable[Any]],
     transfers: Transfers | None,
     path_type: Callable[[str], Any] = str,
+    redact: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Run ``task``'s handler and return the wire result; never raises but for cancellation."""
     name = task.name
@@ -64,10 +65,10 @@ async def execute_task(
         return result
     except TaskFailure as exc:
         log.warning("task %s (job %s) failed: %s", task.task_id, task.job_id, exc.message)
-        return exception_result(exc, handler_name=name)
+        return exception_result(exc, handler_name=name, redact=redact)
     except Exception as exc:
         log.exception("task %s (job %s): handler %r raised", task.task_id, task.job_id, name)
-        return exception_result(exc, handler_name=name)
+        return exception_result(exc, handler_name=name, redact=redact)
 
 
 def standard_extras(feed: Callable[[Any], None], task_id: str) -> dict[str, object]:
