@@ -952,3 +952,57 @@ def _mask_entry_value(key: object, value: object) -> object:
     if key == "url" and isinstance(value, str):
         return _mask_url(value)
     return value
+
+
+#: What each setting means, for the generated configuration reference
+#: (docs/configuration.md; a test keeps the page and this table in step).
+SETTING_DOCS: dict[str, tuple[str, str]] = {
+    "WORKER_ID": ("`worker-<random hex>`", "Unique id of this worker instance (letters, digits, `_`, `-`)."),
+    "WORKER_TYPE": ("`generic-cpu-worker`", "The worker's type, sent at registration; `Worker(worker_type=...)` overrides it."),
+    "WORKER_HOST": ("`0.0.0.0`", "*(ours)* Address the health server binds."),
+    "WORKER_PORT": ("`8083`", "Port of the health server (`/health`, `/ready`)."),
+    "WORKER_TOKEN": ("`your-secret-worker-token`", "Token for every orchestrator without its own (`X-Worker-Token`). Never logged."),
+    "WORKER_INDIVIDUAL_TOKEN": ("—", "This worker's own token; overrides `WORKER_TOKEN`."),
+    "ORCHESTRATOR_URL": ("`http://localhost:8080`", "The orchestrator, when `ORCHESTRATORS_CONFIG` is unset, `[]` or not valid JSON."),
+    "ORCHESTRATORS_CONFIG": ("`[]`", "JSON list of `{url, priority=10, weight=1, token}`; a valid list with a bad entry is an error naming the entry."),
+    "MULTI_ORCHESTRATOR_MODE": ("`FAILOVER`", "`FAILOVER` (best healthy priority, fall back, return) or `ROUND_ROBIN` (smooth weighted)."),
+    "MAX_CONCURRENT_TASKS": ("`10`", "Tasks run at once; `Worker(max_concurrent_tasks=...)` overrides it."),
+    "MAX_PARALLEL_POLLS": ("`0`", "*(ours)* Long polls in flight at once; `0`: one per free slot."),
+    "COST_PER_SKILL": ("`{}`", "JSON object: skill name to cost per second, sent at registration."),
+    "CPU_CORES": ("`4`", "Sent at registration (`resources.cpu_cores`)."),
+    "GPU_MODEL": ("—", "Sent at registration (`resources.gpu_info.model`)."),
+    "GPU_VRAM_GB": ("`0`", "Sent at registration (`resources.gpu_info.vram_gb`)."),
+    "INSTALLED_SOFTWARE": ("`{\"python\": \"3.9\"}`", "JSON object: software name to version, sent at registration."),
+    "INSTALLED_MODELS": ("`[]`", "JSON list of `{name, version}`, sent at registration."),
+    "HEARTBEAT_INTERVAL": ("`15`", "Seconds between heartbeats to each orchestrator."),
+    "WORKER_HEARTBEAT_DEBOUNCE_DELAY": ("`0.1`", "Seconds a heartbeat waits after a state change, so that several changes make one heartbeat."),
+    "WORKER_ENABLE_WEBSOCKETS": ("`false`", "Open the command channel (cancellation, progress) and advertise it at registration."),
+    "RESULT_MAX_RETRIES": ("`5`", "Attempts after which an undelivered result is logged as an error (it is still retried); also the cap on plain `500` answers to one result."),
+    "RESULT_RETRY_INITIAL_DELAY": ("`1.0`", "First delay, in seconds, of a result's backoff (capped at 30 s, full jitter)."),
+    "RESULT_OUTBOX_LIMIT": ("`1000`", "*(ours)* Undelivered results kept before polling pauses."),
+    "TASK_POLL_TIMEOUT": ("`30`", "The orchestrator's long-poll hold, in seconds; the client waits 15 s longer (at least 45 s)."),
+    "TASK_POLL_ERROR_DELAY": ("`5.0`", "Cap, in seconds, of the backoff after a failed poll, registration or heartbeat."),
+    "IDLE_POLL_DELAY": ("`0.01`", "Accepted and ignored: there is no sleep between polls (the server holds them)."),
+    "TASK_TIMEOUT": ("— (no limit)", "*(ours)* Seconds a handler may run; past it, it is cancelled and reported as `TRANSIENT_ERROR`."),
+    "SHUTDOWN_TIMEOUT": ("`30`", "*(ours)* Seconds running tasks get to finish after SIGTERM before they are cancelled."),
+    "TASK_FILES_DIR": ("`/tmp/payloads`", "Folder of the per-task folders (`TaskFiles`, S3 downloads)."),
+    "S3_ENDPOINT_URL": ("— (AWS)", "S3-compatible endpoint; unset means AWS itself."),
+    "S3_ACCESS_KEY": ("—", "S3 access key id."),
+    "S3_SECRET_KEY": ("—", "S3 secret key. Never logged."),
+    "S3_DEFAULT_BUCKET": ("`avtomatika-payloads`", "Bucket results are uploaded to."),
+    "S3_REGION": ("`us-east-1`", "S3 region (honoured; the reference SDK ignores it)."),
+    "S3_KEY_PREFIX": ("`results`", "*(ours)* Uploads go under `<prefix>/<job_id>/<task_id>/`."),
+    "S3_MAX_CONCURRENCY": ("`8`", "*(ours)* S3 transfers in flight across the whole worker."),
+    "LOG_FORMAT": ("`text`", "*(ours)* `text` or `json`, for the CLI's logging setup."),
+    "HEALTH_BLOCKED_THRESHOLD": ("`5.0`", "*(ours)* Event-loop lag, in seconds, past which `/health` fails."),
+    "RCA_BACKEND": ("`asyncio`", "*(ours)* `rca_httpx` only: `asyncio` or `trio`."),
+}
+
+
+def configuration_reference() -> str:
+    """The configuration table as Markdown, one row per setting, in the order they are read."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for setting in _SETTINGS:
+        default, meaning = SETTING_DOCS[setting.name]
+        rows.append(f"| `{setting.name}` | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
