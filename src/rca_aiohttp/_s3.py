@@ -1,0 +1,424 @@
+"""S3 transfers for the asyncio adapter, on obstore's native async API.
+
+Every decision (which strings are inputs, where files land, which keys
+results get, which error code a failure carries) is made by
+:mod:`rca_core._s3plan`; this module only moves bytes:
+
+* Downloads stream ``get_async(...).stream(min_chunk_size=chunk_size)`` into a
+  temporary file in the destination folder, then ``os.replace`` it into
+  place, so a handler never sees half an object. Disk writes run in a small
+  thread pool owned by this object, *pipelined*: chunk *n* is written while
+  chunk *n + 1* arrives. Measured on SeaweedFS, 200 MiB object, shared 2-vCPU
+  VM: writing in the event loop stalled the loop for up to 47 ms per write
+  (dirty-page throttling), one thread hop per chunk kept stalls at ≤ 6 ms,
+  pipelining was fastest. Medians of 5 interleaved runs, MiB/s and peak RSS
+  growth, against raw obstore (``get_async`` + in-loop writes) in the same
+  runs: 1 MiB chunks 593 vs 632, +12.5 MiB; 2 MiB (default) 737 vs 781,
+  +22 MiB; 4 MiB 654 vs 660, +33 MiB. RSS is chunk-bound, not object-bound:
+  obstore's async stream alone holds about five chunks.
+* Uploads hand ``pathlib.Path`` objects to ``put_async``: obstore reads and
+  sends the parts itself (multipart above ``part_size``), about
+  ``(parts_in_flight + 1) * part_size`` of memory per file (200 MiB, 8 MiB x 4
+  parts: 210 MiB/s vs raw 197, +64 MiB peak RSS).
+* One ``asyncio.Semaphore(max_concurrency)`` per :class:`S3Transfers` bounds
+  objects and files in flight for the whole worker.
+
+obstore is imported lazily, so a worker without the ``[s3]`` extra runs
+fine until a task actually references S3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import os
+import pathlib
+import stat
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from rca_core._errors import PERMANENT_ERROR, TRANSIENT_ERROR, TaskFailure
+from rca_core._s3plan import (
+    MAX_LISTED_OBJECTS,
+    DownloadItem,
+    FileKind,
+    InputRef,
+    S3Settings,
+    TransferOperation,
+    UploadItem,
+    chunk_budget,
+    failure_from_exception,
+    find_inputs,
+    first_failure,
+    part_size_for,
+    plan_downloads,
+    plan_uploads,
+    substitute,
+    unconfigured_failure,
+)
+
+if TYPE_CHECKING:
+    from obstore.store import S3Store
+
+__all__ = ["S3Transfers"]
+
+_T = TypeVar("_T")
+
+
+def _import_obstore() -> Any:
+    """``obstore``, or a clear ``TaskFailure`` if the extra is not installed."""
+    try:
+        import obstore
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise TaskFailure(
+            PERMANENT_ERROR,
+            "S3 transfers need obstore: install the worker with the [s3] extra",
+        ) from exc
+    return obstore
+
+
+class _LocalDisk:
+    """The disk facts :func:`rca_core._s3plan.plan_uploads` asks for."""
+
+    def resolve(self, path: str) -> str | None:
+        real = os.path.realpath(path)
+        return real if os.path.lexists(real) else None
+
+    def stat(self, path: str) -> tuple[FileKind, int]:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return "missing", 0
+        if stat.S_ISREG(info.st_mode):
+            return "file", info.st_size
+        if stat.S_ISDIR(info.st_mode):
+            return "dir", 0
+        return "other", 0
+
+    def walk(self, folder: str, limit: int) -> Sequence[str]:
+        found: list[str] = []
+        for current, dirs, files in os.walk(folder, onerror=_raise, followlinks=False):
+            relative = os.path.relpath(current, folder)
+            base = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+            linked = [d for d in dirs if os.path.islink(os.path.join(current, d))]
+            for name in sorted(files) + sorted(linked):
+                found.append(base + name)
+                if len(found) >= limit:
+                    return found
+            dirs.sort()
+        return found
+
+
+def _raise(error: OSError) -> None:
+    """``os.walk`` must not skip an unreadable folder silently."""
+    raise error
+
+
+class _DiskError(Exception):
+    """A local disk failure (full, read-only, permissions) while storing an input.
+
+    Kept apart from ``OSError`` so that a local ``FileNotFoundError`` is never
+    mistaken for a missing S3 object: it classifies as ``other`` (transient).
+    """
+
+
+def _on_disk(action: Callable[[], _T], what: str) -> _T:
+    try:
+        return action()
+    except OSError as exc:
+        raise _DiskError(f"local disk: cannot {what}: {exc}") from exc
+
+
+class _PartFile:
+    """A temporary file beside ``dest`` that becomes ``dest`` only when complete.
+
+    A lock serialises ``write`` against ``discard``: when a download is
+    cancelled while a write still runs in a thread, the file is closed only
+    after that write returns, never under it.
+    """
+
+    def __init__(self, dest: str) -> None:
+        self._dest = dest
+        fd, self._tmp = _on_disk(
+            lambda: tempfile.mkstemp(
+                prefix=f".{os.path.basename(dest)[:40]}.",
+                suffix=".part",
+                dir=os.path.dirname(dest),
+            ),
+            f"create a file next to {dest}",
+        )
+        self._file: Any = os.fdopen(fd, "wb")
+        self._lock = threading.Lock()
+
+    def write(self, chunk: bytes) -> None:
+        with self._lock:
+            if not self._file.closed:  # a write queued before a discard is dropped
+                _on_disk(lambda: self._file.write(chunk), f"write {self._dest}")
+
+    def commit(self) -> None:
+        with self._lock:
+            _on_disk(self._file.close, f"write {self._dest}")
+            _on_disk(lambda: os.replace(self._tmp, self._dest), f"create {self._dest}")
+
+    def discard(self) -> None:
+        """Drop the temporary file; never raises over the original failure."""
+        with self._lock, contextlib.suppress(OSError):
+            try:
+                self._file.close()
+            finally:
+                os.unlink(self._tmp)
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    """Mark an abandoned write's outcome as seen (no 'never retrieved' noise)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _make_folders(folders: Sequence[str]) -> None:
+    for folder in folders:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise _DiskError(f"local disk: cannot create folder {folder}: {exc}") from exc
+
+
+def _write_empty(path: str) -> None:
+    part = _PartFile(path)
+    part.commit()
+
+
+class S3Transfers:
+    """Download a task's ``s3://`` inputs and upload its returned files.
+
+    One instance per worker (its semaphore and thread pool are the worker's
+    transfer budget). Without settings (:meth:`disabled`) an ``s3://`` input
+    fails the task with ``PERMANENT_ERROR`` instead of reaching the handler as
+    a string, and returned paths are left as they are.
+    """
+
+    def __init__(self, settings: S3Settings | None) -> None:
+        self._settings = settings
+        self._stores: dict[str, S3Store] = {}
+        limit = settings.max_concurrency if settings is not None else 1
+        self._slots = asyncio.Semaphore(limit)
+        # Writes, commits and upload planning; one thread per transfer in flight
+        # plus one, so planning never waits behind a slow disk write.
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=limit + 1, thread_name_prefix="rca-s3"
+        )
+        self._closed = False
+
+    @classmethod
+    def disabled(cls) -> S3Transfers:
+        """Transfers for a worker without S3: inputs fail clearly, outputs pass."""
+        return cls(None)
+
+    @property
+    def enabled(self) -> bool:
+        return self._settings is not None
+
+    async def download_inputs(self, params: Any, task_dir: pathlib.Path) -> Any:
+        """Fetch every ``s3://`` value in ``params`` below ``task_dir``.
+
+        Returns a new params structure in which each URI is replaced by the
+        local file (or folder, for a prefix); ``params`` itself is untouched.
+        Raises ``TaskFailure`` with the orchestrator's error code.
+        """
+        refs = find_inputs(params)
+        if not refs:
+            return params
+        settings = self._require(refs)
+        listings: dict[tuple[str, str], Sequence[tuple[str, int]]] = {}
+        for ref in refs:
+            if ref.is_prefix and (ref.bucket, ref.key) not in listings:
+                listings[(ref.bucket, ref.key)] = await self._list(ref.bucket, ref.key, ref.uri)
+        # In a thread: a listing of 100,000 keys is real CPU work.
+        plan = await self._in_thread(
+            functools.partial(
+                plan_downloads,
+                refs,
+                str(task_dir),
+                listings,
+                empty_prefix_is_error=settings.empty_prefix_is_error,
+            )
+        )
+        try:
+            await self._in_thread(_make_folders, plan.folders)
+        except _DiskError as exc:
+            raise self._failure(exc, "download", str(task_dir)) from None
+        await self._each(plan.items, self._download)
+        return substitute(params, plan.replacements)
+
+    async def upload_outputs(
+        self, data: Any, task_dir: pathlib.Path, *, job_id: str, task_id: str
+    ) -> Any:
+        """Upload every file or folder path in ``data`` that lies in ``task_dir``.
+
+        Returns a new structure with each path replaced by ``s3://bucket/key``
+        (a folder by ``s3://bucket/prefix/``). Without S3, ``data`` is
+        returned unchanged.
+        """
+        if self._settings is None:
+            return data
+        settings = self._require(())
+        try:
+            plan = await self._in_thread(
+                functools.partial(
+                    plan_uploads,
+                    data,
+                    str(task_dir),
+                    _LocalDisk(),
+                    bucket=settings.default_bucket,
+                    key_prefix=settings.key_prefix,
+                    job_id=job_id,
+                    task_id=task_id,
+                )
+            )
+        except OSError as exc:
+            raise self._failure(exc, "upload", str(task_dir)) from None
+        if not plan.replacements:
+            return data
+        await self._each(plan.items, self._upload)
+        return substitute(data, plan.replacements)
+
+    async def close(self) -> None:
+        """Release the stores and the thread pool (waits for running writes).
+
+        Also yields to obstore's runtime for a moment: a process whose last
+        act is an obstore async call can abort at interpreter exit (S3.md).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._stores.clear()
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self._pool.shutdown, wait=True)
+        )
+        await asyncio.sleep(0.05)
+
+    # -- internals ---------------------------------------------------------
+
+    def _require(self, refs: Sequence[InputRef]) -> S3Settings:
+        if self._settings is None:
+            raise unconfigured_failure(refs)
+        if self._closed:
+            raise TaskFailure(TRANSIENT_ERROR, "S3 transfers are closed (worker shutting down)")
+        return self._settings
+
+    def _store(self, bucket: str) -> S3Store:
+        store = self._stores.get(bucket)
+        if store is None:
+            assert self._settings is not None
+            _import_obstore()
+            from obstore.store import S3Store
+
+            store = S3Store(**self._settings.store_kwargs(bucket))
+            self._stores[bucket] = store
+        return store
+
+    def _failure(
+        self, exc: BaseException, operation: TransferOperation, target: str
+    ) -> TaskFailure:
+        secrets = self._settings.secrets if self._settings is not None else ()
+        return failure_from_exception(exc, operation=operation, target=target, secrets=secrets)
+
+    async def _in_thread(self, func: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
+
+    async def _each(self, items: Sequence[_T], run: Callable[[_T], Awaitable[None]]) -> None:
+        """Run ``run(item)`` for all items, a few at a time, first failure wins.
+
+        A fixed number of workers pull from one queue (not one task per item),
+        so a prefix with 100,000 objects costs a handful of tasks; the shared
+        semaphore inside ``run`` bounds the whole worker.
+        """
+        assert self._settings is not None
+        queue = list(reversed(items))
+
+        async def drain() -> None:
+            while queue:
+                await run(queue.pop())
+
+        workers = min(self._settings.max_concurrency, len(items))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(workers):
+                    group.create_task(drain())
+        except BaseExceptionGroup as group_error:
+            raise first_failure(group_error) from None
+
+    async def _list(self, bucket: str, prefix: str, uri: str) -> list[tuple[str, int]]:
+        obstore = _import_obstore()
+        listed: list[tuple[str, int]] = []
+        async with self._slots:
+            try:
+                stream = obstore.list(self._store(bucket), prefix or None, chunk_size=1000)
+                async for batch in stream:
+                    listed.extend((meta["path"], int(meta["size"])) for meta in batch)
+                    if len(listed) > MAX_LISTED_OBJECTS:
+                        break  # plan_downloads refuses it with a clear message
+            except Exception as exc:
+                raise self._failure(exc, "download", uri) from None
+        return listed
+
+    async def _download(self, item: DownloadItem) -> None:
+        assert self._settings is not None
+        obstore = _import_obstore()
+        uri = f"s3://{item.bucket}/{item.key}"
+        chunk_size = self._settings.chunk_size
+        async with self._slots:
+            if item.size == 0:
+                await self._in_thread(_write_empty, item.local_path)
+                return
+            loop = asyncio.get_running_loop()
+            try:
+                result = await obstore.get_async(self._store(item.bucket), item.key)
+                budget = chunk_budget(result.meta["size"], chunk_size)
+                part = await self._in_thread(_PartFile, item.local_path)
+            except Exception as exc:
+                raise self._failure(exc, "download", uri) from None
+            pending: asyncio.Future[None] | None = None
+            try:
+                async for chunk in result.stream(min_chunk_size=chunk_size):
+                    budget -= 1
+                    if budget < 0:
+                        raise TaskFailure(TRANSIENT_ERROR, f"{uri} grew while downloading")
+                    if pending is not None:
+                        await pending
+                    pending = loop.run_in_executor(self._pool, part.write, chunk)
+                if pending is not None:
+                    await pending
+                    pending = None
+                await self._in_thread(part.commit)
+            except BaseException as exc:
+                # The lock in _PartFile makes discard wait for a write still
+                # running in the pool (at most one chunk); a write still queued
+                # is cancelled, or dropped by write() once the file is closed.
+                if pending is not None:
+                    pending.cancel()
+                    pending.add_done_callback(_consume)
+                part.discard()
+                if isinstance(exc, Exception) and not isinstance(exc, TaskFailure):
+                    raise self._failure(exc, "download", uri) from None
+                raise
+
+    async def _upload(self, item: UploadItem) -> None:
+        assert self._settings is not None
+        obstore = _import_obstore()
+        uri = f"s3://{item.bucket}/{item.key}"
+        async with self._slots:
+            try:
+                await obstore.put_async(
+                    self._store(item.bucket),
+                    item.key,
+                    pathlib.Path(item.source),
+                    chunk_size=part_size_for(item.size, self._settings.part_size),
+                    max_concurrency=self._settings.parts_in_flight,
+                )
+            except Exception as exc:
+                raise self._failure(exc, "upload", uri) from None
