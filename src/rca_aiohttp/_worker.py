@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from rca_core._app import WorkerDefinition
+from rca_core._app import WorkerDefinition, s3_settings
 from rca_core._config import ResolvedConfig, WorkerConfig
 from rca_core._driver import Driver
 from rca_core._events import (
@@ -46,6 +46,7 @@ from rca_core._paths import task_dir_name
 from rca_core._results import cancelled_result
 
 from ._files import TaskFiles
+from ._s3 import S3Transfers
 
 __all__ = ["Worker"]
 
@@ -185,12 +186,9 @@ def _local_ip() -> str:
         return "127.0.0.1"
 
 
-def _make_s3(resolved: ResolvedConfig) -> Any:
-    try:
-        from ._s3 import S3Transfers, settings_from_config
-    except ImportError:  # pragma: no cover - the S3 module is part of the package
-        return None
-    return S3Transfers.from_settings(settings_from_config(resolved))
+def _make_s3(resolved: ResolvedConfig) -> S3Transfers:
+    settings = s3_settings(resolved)
+    return S3Transfers(settings) if settings is not None else S3Transfers.disabled()
 
 
 class _Driver(Driver):
@@ -202,7 +200,7 @@ class _Driver(Driver):
         session: aiohttp.ClientSession,
         definition: WorkerDefinition,
         config: ResolvedConfig,
-        s3: Any,
+        s3: S3Transfers,
     ) -> None:
         super().__init__(machine)
         self.session = session

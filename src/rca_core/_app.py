@@ -16,8 +16,9 @@ from ._config import ResolvedConfig
 from ._events import Task
 from ._machine import MachineSettings, Orchestrator
 from ._params import HandlerSpec, bind_params, handler_kwargs, inspect_handler
+from ._s3plan import S3Settings
 
-__all__ = ["WorkerDefinition", "progress_arguments"]
+__all__ = ["WorkerDefinition", "progress_arguments", "s3_settings"]
 
 log = logging.getLogger("rca_core.worker")
 
@@ -165,3 +166,23 @@ def progress_arguments(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tupl
     if isinstance(progress, bool) or not isinstance(progress, int | float):
         raise TypeError(f"send_progress: progress must be a number, not {progress!r}")
     return float(progress), str(message)
+
+
+def s3_settings(config: ResolvedConfig) -> S3Settings | None:
+    """The S3 settings, or None when S3 is not configured.
+
+    S3 counts as configured when ``S3_ENDPOINT_URL`` or ``S3_ACCESS_KEY`` is
+    set; without either, an ``s3://`` input fails its task clearly instead of
+    reaching the handler as a string.
+    """
+    if not (config.s3_endpoint_url or config.s3_access_key):
+        return None
+    return S3Settings(
+        endpoint_url=config.s3_endpoint_url,
+        access_key=config.s3_access_key,
+        secret_key=config.s3_secret_key,
+        region=config.s3_region,
+        default_bucket=config.s3_default_bucket,
+        key_prefix=config.s3_key_prefix,
+        max_concurrency=config.s3_max_concurrency,
+    )
