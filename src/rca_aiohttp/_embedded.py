@@ -16,6 +16,8 @@ from aiohttp import WSMsgType, web
 from rca_core._wire import HttpRequest
 from rca_core.testing import FakeOrchestrator
 
+from ._health import bound_port
+
 __all__ = ["EmbeddedOrchestrator"]
 
 
@@ -48,9 +50,7 @@ class EmbeddedOrchestrator:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
-        server = site._server
-        assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = bound_port(site)
         self.url = f"http://{self._host}:{port}"
         self.fake.url = self.url
 

@@ -16,6 +16,7 @@ import random
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,12 +41,15 @@ from rca_core._events import (
     Task,
 )
 from rca_core._execution import execute_task, standard_extras
+from rca_core._health import TICK_INTERVAL, HealthState
 from rca_core._logs import Redactor
 from rca_core._machine import WorkerMachine
+from rca_core._metrics import WorkerMetrics
 from rca_core._paths import task_dir_name
 from rca_core._results import cancelled_result
 
 from ._files import TaskFiles
+from ._health import HealthServer
 from ._s3 import S3Transfers
 
 __all__ = ["Worker"]
@@ -80,6 +84,7 @@ class Worker:
             files_types=(TaskFiles,),
         )
         self._http_session = http_session
+        self.health_port: int | None = None
         self._driver: _Driver | None = None
         self._stop_early = False
 
@@ -122,8 +127,8 @@ class Worker:
         redactor = Redactor(resolved.secret_values())
         redactor.install()
         loop = asyncio.get_running_loop()
-        installed: list[int] = []
-        health_runner = None
+        installed: list[signal.Signals] = []
+        health_server: HealthServer | None = None
         try:
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
@@ -136,11 +141,7 @@ class Worker:
                     ):  # pragma: no cover - non-main thread
                         pass
             if health:
-                from ._health import start_health_server
-
-                health_runner = await start_health_server(
-                    driver, host=resolved.worker_host, port=resolved.worker_port
-                )
+                health_server = self._start_health(driver, resolved)
             log.info(
                 "worker %s (%s) starting: %d handler(s), %d orchestrator(s)",
                 settings.worker_id,
@@ -156,8 +157,8 @@ class Worker:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await driver.close()
-            if health_runner is not None:
-                await health_runner.cleanup()
+            if health_server is not None:
+                health_server.stop()
             if s3 is not None:
                 await s3.close()
             if own_session:
@@ -166,6 +167,19 @@ class Worker:
             self._driver = None
         if driver.failure is not None:
             raise driver.failure
+
+    def _start_health(self, driver: _Driver, resolved: ResolvedConfig) -> HealthServer:
+        """Metrics on, a 1 Hz tick in the worker's loop, and the server in its own thread."""
+        state = HealthState(blocked_threshold=resolved.health_blocked_threshold)
+        driver.metrics = WorkerMetrics(state.latest_snapshot)
+        driver.start_ticks(state)
+        server = HealthServer(
+            state, driver.metrics, host=resolved.worker_host, port=resolved.worker_port
+        )
+        server.start()
+        self.health_port = server.port
+        log.info("health server on %s:%s", resolved.worker_host, server.port)
+        return server
 
     def run(self) -> None:
         """Run the worker until SIGTERM/SIGINT (the first drains, the second cancels)."""
@@ -219,8 +233,30 @@ class _Driver(Driver):
         self._background: set[asyncio.Task[Any]] = set()
         self._cleanups: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._health: HealthState | None = None
+        self._ticker: asyncio.TimerHandle | None = None
         self._files_root = config.task_files_dir
         self._secrets = config.secret_values()
+
+    # -- health ticks -----------------------------------------------------------------
+
+    def start_ticks(self, state: HealthState) -> None:
+        self._health = state
+        self._tick()
+
+    def _tick(self) -> None:
+        state = self._health
+        if state is None:
+            return
+        failure = None if self.failure is None else f"{type(self.failure).__name__}: {self.failure}"
+        state.tick(
+            time.monotonic(),
+            self.machine.snapshot(),
+            registered=self.machine.registered,
+            failure=failure,
+        )
+        if not self.finished:
+            self._ticker = self.loop.call_later(TICK_INTERVAL, self._tick)
 
     # -- Driver's primitives -----------------------------------------------------------
 
@@ -235,6 +271,7 @@ class _Driver(Driver):
             self._timer = self.loop.call_at(deadline, self.on_timer)
 
     def do_stopped(self) -> None:
+        self._tick()  # the health server sees the final state
         self.stopped.set()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -394,6 +431,8 @@ class _Driver(Driver):
         self.finished = True
         self.stopped.set()
         self.set_timer(None)
+        if self._ticker is not None:
+            self._ticker.cancel()
         if self._cleanups:  # task folders go before the process does
             await asyncio.wait(list(self._cleanups), timeout=30.0)
         pending = [t for t in self._background if not t.done()]

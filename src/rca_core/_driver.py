@@ -21,13 +21,17 @@ from ._events import (
     DrainRequested,
     Effect,
     Event,
+    HandlerFinished,
     OpenCommandChannel,
+    RequestFailed,
+    ResponseReceived,
     SendCommandMessage,
     SendRequest,
     StartHandler,
     WorkerStopped,
 )
 from ._machine import WorkerMachine
+from ._metrics import WorkerMetrics
 
 __all__ = ["Driver"]
 
@@ -37,8 +41,9 @@ log = logging.getLogger("rca_core.driver")
 class Driver(ABC):
     """Feeds a :class:`WorkerMachine` and dispatches its effects to ``do_*`` methods."""
 
-    def __init__(self, machine: WorkerMachine) -> None:
+    def __init__(self, machine: WorkerMachine, *, metrics: WorkerMetrics | None = None) -> None:
         self.machine = machine
+        self.metrics = metrics
         self.failure: BaseException | None = None
         self.finished = False
         self.signals = 0
@@ -95,8 +100,17 @@ class Driver(ABC):
     def feed(self, event: Event) -> None:
         if self.finished:
             return
+        now = self.now()
+        metrics = self.metrics
+        if metrics is not None:
+            if isinstance(event, ResponseReceived):
+                metrics.request_done(event.request_id, event.status, now)
+            elif isinstance(event, RequestFailed):
+                metrics.request_done(event.request_id, None, now)
+            elif isinstance(event, HandlerFinished):
+                metrics.handler_finished(event.task_id, event.result, now)
         try:
-            self.machine.handle(event, self.now())
+            self.machine.handle(event, now)
         except Exception as exc:  # a bug in the core must stop the worker loudly, not hang it
             self._fail(exc)
             return
@@ -145,8 +159,12 @@ class Driver(ABC):
 
     def _perform(self, effect: Effect) -> None:
         if isinstance(effect, SendRequest):
+            if self.metrics is not None:
+                self.metrics.request_sent(effect.request_id, effect.purpose, self.now())
             self.do_send_request(effect)
         elif isinstance(effect, StartHandler):
+            if self.metrics is not None:
+                self.metrics.handler_started(effect.task.task_id, effect.task.name, self.now())
             self.do_start_handler(effect)
         elif isinstance(effect, CleanupTask):
             self.do_cleanup(effect.task_id)

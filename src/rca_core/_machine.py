@@ -266,6 +266,7 @@ class WorkerMachine:
             "tasks_rejected": 0,
             "results_acknowledged": 0,
             "results_dropped": 0,
+            "result_retries": 0,
             "requests_failed": 0,
         }
 
@@ -525,6 +526,8 @@ class WorkerMachine:
             out.result = {"status": "failure", "error": error}
             self._send_result(out)
             return
+        if out.attempts:
+            self.counters["result_retries"] += 1
         out.attempts += 1
         out.request = self._request("result", link.index, req, out.task_id)
 

@@ -17,6 +17,7 @@ reads like a timeline::
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import json
@@ -129,7 +130,7 @@ class FakeOrchestrator:
             return canned.popleft()
         if dict(request.headers).get("X-Worker-Token") != self.token:
             return Reply(status=401, body=b'{"error":"unauthorized"}')
-        body = json.loads(request.body) if request.body else None
+        body: dict[str, Any] = json.loads(request.body) if request.body else {}
         if route == "register":
             self.registered.append(body)
             self.known = True
@@ -282,9 +283,9 @@ class Simulation:
         elif isinstance(effect, CloseCommandChannel):
             self.channels.pop(effect.channel, None)
         elif isinstance(effect, SendCommandMessage):
-            fake = self.channels.get(effect.channel)
-            if fake is not None:
-                fake.commands_received.append(effect.text)
+            owner = self.channels.get(effect.channel)
+            if owner is not None:
+                owner.commands_received.append(effect.text)
         elif isinstance(effect, CleanupTask):
             self.cleaned.append(effect.task_id)
         elif isinstance(effect, WorkerStopped):
@@ -309,9 +310,7 @@ class Simulation:
             reply = _RESET if fake.down else fake.next_task()
             if reply is not None:
                 del self._parked[rid]
-                self.at(
-                    self.now + self.latency, lambda rid=rid, reply=reply: self._deliver(rid, reply)
-                )
+                self.at(self.now + self.latency, functools.partial(self._deliver, rid, reply))
 
     def send_command(self, fake: FakeOrchestrator, command: dict[str, Any] | str) -> None:
         text = command if isinstance(command, str) else json.dumps(command)
