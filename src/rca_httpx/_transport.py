@@ -32,7 +32,6 @@ from __future__ import annotations
 import select
 import ssl
 import time
-from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any, Final
 
@@ -45,6 +44,8 @@ __all__ = ["H11Transport"]
 
 _DEFAULT_PORTS: Final = {b"http": 80, b"https": 443, b"ws": 80, b"wss": 443}
 _READ_SIZE: Final = 65_536
+# Reads that may yield no body byte in a row (h11 framing only) before giving up.
+_MAX_EMPTY_READS: Final = 10_000
 # Errors of a broken or closed connection, as raised by anyio streams and sockets.
 _IO_ERRORS: Final = (
     OSError,
@@ -377,7 +378,12 @@ class H11Transport(httpx.AsyncBaseTransport):
 
 
 class _BodyStream(httpx.AsyncByteStream):
-    """The rest of a response body, read from the connection as it is consumed."""
+    """The rest of a response body, read from the connection as it is consumed.
+
+    An iterator object rather than an async generator: a body abandoned half
+    way is then closed by :meth:`aclose` alone, with no generator for the
+    event loop to finalise later.
+    """
 
     def __init__(
         self,
@@ -385,26 +391,32 @@ class _BodyStream(httpx.AsyncByteStream):
         conn: _Connection,
         request: httpx.Request,
         first: list[bytes],
-        timeout: float | None,
+        read_timeout: float | None,
     ) -> None:
         self._transport = transport
         self._conn: _Connection | None = conn
         self._request = request
-        self._first = first
-        self._timeout = timeout
+        self._pending = first
+        self._timeout = read_timeout
+        self._started = False
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> _BodyStream:
+        if self._started:
+            raise httpx.StreamConsumed()
+        self._started = True
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._pending:
+            return self._pending.pop(0)
         conn = self._conn
         if conn is None:
-            raise httpx.StreamClosed()
-        for chunk in self._first:
-            yield chunk
-        self._first = []
+            raise StopAsyncIteration
         h = conn.h11
         request = self._request
         timeout = self._timeout
         try:
-            while True:  # bounded by the body: each turn consumes bytes or ends
+            for _ in range(_MAX_EMPTY_READS):  # each turn reads bytes or returns
                 event = h.next_event()
                 if event is h11.NEED_DATA:
                     with anyio.fail_after(timeout):
@@ -414,16 +426,17 @@ class _BodyStream(httpx.AsyncByteStream):
                             data = b""
                     h.receive_data(data)
                 elif type(event) is h11.Data:
-                    yield bytes(event.data)
+                    return bytes(event.data)
                 elif type(event) is h11.EndOfMessage:
                     self._conn = None
                     await self._transport._checkin(conn)
-                    return
+                    raise StopAsyncIteration
                 else:
                     raise httpx.RemoteProtocolError(
                         "the server closed the connection in the middle of the body",
                         request=request,
                     )
+            raise httpx.RemoteProtocolError("no body data in many reads", request=request)
         except TimeoutError as exc:
             raise httpx.ReadTimeout(f"no data within {timeout} s", request=request) from exc
         except _IO_ERRORS as exc:
