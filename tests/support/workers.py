@@ -10,17 +10,27 @@ handlers written with ``anyio`` primitives run on either backend.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-__all__ = ["ADAPTERS", "AdapterCase", "RunningWorker", "adapter_case", "running_worker"]
+__all__ = [
+    "ADAPTERS",
+    "AdapterCase",
+    "RunningWorker",
+    "adapter_case",
+    "await_until",
+    "running_worker",
+    "serving_worker",
+    "wait_until",
+]
 
 
 @dataclass(frozen=True)
@@ -51,9 +61,10 @@ def adapter_case(request: pytest.FixtureRequest) -> AdapterCase:
 class RunningWorker:
     """A worker serving in a background thread; ``stop()`` drains it from outside."""
 
-    def __init__(self, worker: Any, case: AdapterCase) -> None:
+    def __init__(self, worker: Any, case: AdapterCase, **serve_kwargs: Any) -> None:
         self.worker = worker
         self.case = case
+        self.serve_kwargs = serve_kwargs
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -83,14 +94,14 @@ class RunningWorker:
     async def _serve_asyncio(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._ready.set()
-        await self.worker.serve()
+        await self.worker.serve(**self.serve_kwargs)
 
     async def _serve_trio(self) -> None:
         import trio
 
         self._trio_token = trio.lowlevel.current_trio_token()
         self._ready.set()
-        await self.worker.serve()
+        await self.worker.serve(**self.serve_kwargs)
 
     def call(self, func: Callable[[], Any]) -> None:
         """Run the coroutine function ``func`` in the worker's loop (fire and forget)."""
@@ -135,7 +146,12 @@ def announced(runner: RunningWorker) -> bool:
 
 @contextmanager
 def running_worker(
-    worker: Any, case: AdapterCase, *, stop_timeout: float = 30.0, wait_ready: float | None = 15.0
+    worker: Any,
+    case: AdapterCase,
+    *,
+    stop_timeout: float = 30.0,
+    wait_ready: float | None = 15.0,
+    **serve_kwargs: Any,
 ) -> Iterator[RunningWorker]:
     """Serve ``worker`` in a thread for the ``with`` block; drain and join on exit.
 
@@ -143,7 +159,7 @@ def running_worker(
     ``idle`` (the orchestrator dispatches to no one else): ``wait_ready=None``
     starts it at once, for tests where the orchestrator is away.
     """
-    runner = RunningWorker(worker, case)
+    runner = RunningWorker(worker, case, **serve_kwargs)
     runner.start()
     try:
         if wait_ready is not None:
@@ -166,3 +182,49 @@ def wait_until(condition: Callable[[], object], *, timeout: float, interval: flo
         time.sleep(interval)
     if not condition():
         raise AssertionError(f"condition not met within {timeout} s")
+
+
+async def await_until(condition: Callable[[], object], *, timeout: float, interval: float = 0.05) -> None:
+    """Like :func:`wait_until`, for async tests whose loop must keep serving.
+
+    ``condition`` may block (it runs in a worker thread), so it can make HTTP
+    calls to a server that lives in the test's own event loop.
+    """
+    import anyio
+
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / interval) + 2):
+        if await anyio.to_thread.run_sync(condition):
+            return
+        if time.monotonic() > deadline:
+            break
+        await anyio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+@contextlib.asynccontextmanager
+async def serving_worker(
+    worker: Any,
+    case: AdapterCase,
+    *,
+    stop_timeout: float = 30.0,
+    wait_ready: float | None = 15.0,
+    **serve_kwargs: Any,
+) -> AsyncIterator[RunningWorker]:
+    """:func:`running_worker` for tests whose orchestrator runs in the test's own loop.
+
+    Nothing here blocks the loop: waiting for readiness and joining the worker's
+    thread happen in threads, so the embedded orchestrator keeps answering.
+    """
+    import anyio
+
+    runner = RunningWorker(worker, case, **serve_kwargs)
+    await anyio.to_thread.run_sync(runner.start)
+    try:
+        if wait_ready is not None:
+            await await_until(lambda: runner.error is not None or announced(runner), timeout=wait_ready)
+            if runner.error is not None:
+                raise runner.error
+        yield runner
+    finally:
+        await anyio.to_thread.run_sync(lambda: runner.stop(stop_timeout))
