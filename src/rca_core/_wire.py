@@ -360,6 +360,8 @@ class WireV1:
         outcome = classify_status(status, retry_after)
         if outcome.kind != ReplyKind.OK:
             return NoTask(outcome=outcome)
+        if not body.strip():  # a 200 with an empty body carries no task either
+            return NoTask(outcome=Outcome(kind=ReplyKind.OK))
         ok, value = _loads(body)
         if not ok:
             return MalformedTask(
