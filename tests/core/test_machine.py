@@ -71,6 +71,10 @@ def up(sim_fake: FakeOrchestrator) -> bool:
     return bool(sim_fake.heartbeats)
 
 
+def state_of(machine: WorkerMachine) -> WorkerState:
+    return machine.state  # a call, so that type checkers do not narrow it between steps
+
+
 # -- registration ---------------------------------------------------------------------
 
 
@@ -978,7 +982,7 @@ def test_drain_says_busy_before_abandoning_parked_polls_then_finishes_and_stops(
     assert [type(e) for e in immediate] == [SendRequest]  # the busy heartbeat, nothing else yet
     assert request_body(immediate[0])["status"] == "busy"
     assert request_body(immediate[0])["supported_tasks"] == []
-    assert sim.machine.state is WorkerState.DRAINING
+    assert state_of(sim.machine) is WorkerState.DRAINING
 
     sim.run_until(lambda: sim.stopped, timeout=60)
     after = sim.effects_seen[mark:]
@@ -990,7 +994,7 @@ def test_drain_says_busy_before_abandoning_parked_polls_then_finishes_and_stops(
     assert after[-1] == WorkerStopped(undelivered=0)
     assert sent(after, "result")  # reported before stopping
     assert len(sent(after, "heartbeat")) >= 3  # heartbeats continued while draining
-    assert sim.machine.state is WorkerState.STOPPED
+    assert state_of(sim.machine) is WorkerState.STOPPED
     assert sim.machine.next_deadline() is None
     assert sim.machine.snapshot()["slots"]["polling"] == 0
 
@@ -1010,9 +1014,9 @@ def test_a_second_drain_cancels_running_and_waiting_tasks_with_transient_errors(
     sim.run_for(1)
     sim.feed(DrainRequested())
     sim.run_for(5)
-    assert sim.machine.state is WorkerState.DRAINING
+    assert state_of(sim.machine) is WorkerState.DRAINING
     sim.feed(DrainRequested(reason="second SIGTERM"))
-    assert sim.machine.state is WorkerState.CANCELLING
+    assert state_of(sim.machine) is WorkerState.CANCELLING
     assert CancelHandler(task_id=running, reason="shutdown") in sim.effects_seen
     assert of_type(sim.effects_seen, CloseCommandChannel)
     sim.feed(DrainRequested())  # a third one changes nothing
@@ -1059,7 +1063,7 @@ def test_give_up_after_the_grace_logs_undelivered_results(
     assert sim.now == pytest.approx(drained_at + 5.0 + 10.0, abs=0.1)
     assert f"result of task {task_id} (job job-1) could not be delivered" in caplog.text
     assert fake.results == []
-    assert sim.machine.state is WorkerState.STOPPED
+    assert state_of(sim.machine) is WorkerState.STOPPED
     assert sim.machine.next_deadline() is None
 
 
@@ -1079,7 +1083,7 @@ def test_give_up_names_a_handler_that_ignored_its_cancellation(
     assert manual.log[-1] == WorkerStopped(undelivered=1)
     # A late finish after the machine stopped is still a misuse only if unknown: it was known.
     manual.feed(HandlerFinished(task_id="stubborn", result={"status": "cancelled"}))
-    assert manual.machine.state is WorkerState.STOPPED
+    assert state_of(manual.machine) is WorkerState.STOPPED
 
 
 def test_drain_before_start_stops_at_once() -> None:
@@ -1164,7 +1168,7 @@ def test_a_task_that_arrives_after_the_worker_stopped_is_not_started(
     hb = manual.one("heartbeat")
     manual.timer(0.0)  # deadline 0: cancelling at once, the poll is abandoned
     manual.timer(10.0)  # the grace passes with the heartbeat still unanswered
-    assert manual.machine.state is WorkerState.STOPPED
+    assert state_of(manual.machine) is WorkerState.STOPPED
     with caplog.at_level(logging.WARNING, MACHINE_LOG):
         late = manual.reply(poll, 200, task_body("after-stop"))
     assert late == []

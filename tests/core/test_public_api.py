@@ -199,8 +199,8 @@ def test_events_and_effects_are_frozen_slotted_keyword_only() -> None:
     classes = [*typing.get_args(rca_core.Event), *typing.get_args(rca_core.Effect), rca_core.Task]
     assert len(classes) == 10 + 9 + 1
     for cls in classes:
-        assert dataclasses.is_dataclass(cls), cls
-        assert cls.__dataclass_params__.frozen, cls  # type: ignore[attr-defined]
+        assert isinstance(cls, type) and dataclasses.is_dataclass(cls), cls
+        assert getattr(cls, "__dataclass_params__").frozen, cls  # noqa: B009
         assert "__slots__" in vars(cls), cls
         assert all(f.kw_only for f in dataclasses.fields(cls)), cls
         assert cls.__name__ in rca_core.__all__
