@@ -18,7 +18,7 @@ import pytest
 from rca_core import state_diagram
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import gen_docs  # noqa: E402
+import gen_docs
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

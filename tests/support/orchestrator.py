@@ -321,7 +321,7 @@ class RealOrchestrator:
     async def astart(self) -> None:
         await _run_in_thread(self.start)
 
-    async def astop(self, *, graceful: bool = True, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    async def astop(self, *, graceful: bool = True, timeout: float = 10.0) -> None:
         await _run_in_thread(lambda: self.stop(graceful=graceful, timeout=timeout))
 
     async def arestart(self, *, graceful: bool = False, downtime: float = 0.0) -> None:
@@ -347,7 +347,7 @@ class RealOrchestrator:
         *,
         json_body: Any = None,
         client_auth: bool = True,
-        timeout: float = 10.0,  # noqa: ASYNC109 - an HTTP client timeout
+        timeout: float = 10.0,
     ) -> tuple[int, Any]:
         """One HTTP request to the orchestrator; returns (status, parsed body)."""
         import aiohttp
@@ -394,7 +394,7 @@ class RealOrchestrator:
         *,
         states: Collection[str] | None = None,
         statuses: Collection[str] | None = None,
-        timeout: float = 30.0,  # noqa: ASYNC109 - bounds the polling loop
+        timeout: float = 30.0,
         interval: float = 0.05,
     ) -> dict[str, Any]:
         """Poll the job until its ``current_state`` is in ``states`` or its
