@@ -257,7 +257,6 @@ class WorkerMachine:
         self._precancelled: dict[str, float] = {}
         self._drain_deadline: float | None = None
         self._give_up_deadline: float | None = None
-        self._stop_emitted = False
         # When the pump last ran: a poll backoff that had expired by then and still
         # sent nothing is waiting on an event (health, slots, outbox), not on time.
         self._pumped_at = float("-inf")
@@ -818,9 +817,7 @@ class WorkerMachine:
     def _on_result_reply(
         self, task_id: str, status: int | None, retry_after: str | None, body: bytes, now: float
     ) -> None:
-        out = self._outbox.get(task_id)
-        if out is None:
-            return
+        out = self._outbox[task_id]  # a result leaves the outbox only on its own reply
         out.request = None
         outcome = self._wire.parse_result(status, retry_after, body)
         if outcome.kind == ReplyKind.OK:
@@ -871,7 +868,7 @@ class WorkerMachine:
     def _on_handler_finished(self, event: HandlerFinished, now: float) -> None:
         running = self._tasks.pop(event.task_id, None)
         if running is None or not running.started:
-            if running is not None:  # pragma: no cover - adapters only finish started tasks
+            if running is not None:  # a waiting task has no handler to finish
                 self._tasks[event.task_id] = running
             raise LocalProtocolError(
                 f"HandlerFinished for task {event.task_id} that is not running"
@@ -1098,17 +1095,15 @@ class WorkerMachine:
         self._stop()
 
     def _stop(self) -> None:
-        if self._stop_emitted:
-            return
-        self._stop_emitted = True
+        """Emit the end: every path here leaves the machine STOPPED, so this runs once.
+
+        No poll is left to cancel (draining settles only without polls, and
+        cancelling abandoned them all), but a command channel may still be open.
+        """
         for link in self._links:
             if link.channel_wanted:
                 link.channel_wanted = False
                 self._effects.append(CloseCommandChannel(channel=link.index))
-            for rid in link.polls:
-                if rid not in self._cancelled_requests:
-                    self._cancelled_requests.add(rid)
-                    self._effects.append(CancelRequest(request_id=rid))
         undelivered = len(self._outbox) + len(self._tasks)
         self._effects.append(WorkerStopped(undelivered=undelivered))
 
