@@ -17,11 +17,12 @@ import asyncio
 import importlib
 import importlib.util
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from rca_core._logs import configure_logging
 
 __all__ = ["load_worker", "main"]
 
@@ -154,10 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     trial.add_argument("--file", help='JSON lines: {"task": NAME, "params": {...}}')
     trial.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+    log_format = os.environ.get("LOG_FORMAT", "").strip().lower()
+    configure_logging("json" if log_format == "json" else "text")
     from rca_core._errors import ConfigError
 
     try:

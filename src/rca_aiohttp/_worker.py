@@ -42,7 +42,7 @@ from rca_core._events import (
 )
 from rca_core._execution import execute_task, standard_extras
 from rca_core._health import TICK_INTERVAL, HealthState
-from rca_core._logs import Redactor
+from rca_core._logs import Redactor, configure_logging
 from rca_core._machine import WorkerMachine
 from rca_core._metrics import WorkerMetrics
 from rca_core._paths import task_dir_name
@@ -182,11 +182,16 @@ class Worker:
         return server
 
     def run(self) -> None:
-        """Run the worker until SIGTERM/SIGINT (the first drains, the second cancels)."""
+        """Run the worker until SIGTERM/SIGINT (the first drains, the second cancels).
+
+        Sets up logging for ``LOG_FORMAT`` unless the program already did.
+        """
+        configure_logging(str(self._config.LOG_FORMAT))
         asyncio.run(self.serve(handle_signals=True))
 
     def run_with_health_check(self) -> None:
         """:meth:`run`, plus the health server on WORKER_HOST:WORKER_PORT."""
+        configure_logging(str(self._config.LOG_FORMAT))
         asyncio.run(self.serve(health=True, handle_signals=True))
 
 

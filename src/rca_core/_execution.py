@@ -8,13 +8,15 @@ adapter's business (a cancelled ``await`` propagates through here untouched).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from ._app import WorkerDefinition
 from ._errors import TaskFailure
 from ._events import Task
+from ._logs import reset_current_task, set_current_task
 from ._results import exception_result, normalize_result
 
 __all__ = ["Transfers", "execute_task", "standard_extras"]
@@ -43,7 +45,43 @@ async def execute_task(
     path_type: Callable[[str], Any] = str,
     redact: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """Run ``task``'s handler and return the wire result; never raises but for cancellation."""
+    """Run ``task``'s handler and return the wire result; never raises but for cancellation.
+
+    While it runs, log records carry the task's ids (see ``_logs.TaskContext``),
+    and, when an OpenTelemetry tracer provider is installed, a span continues
+    the trace of the task's ``tracing_context``.
+    """
+    token = set_current_task(task.task_id, task.job_id)
+    try:
+        with _task_span(task) as span:
+            result = await _run(
+                definition,
+                task,
+                task_dir=task_dir,
+                extras=extras,
+                run_sync=run_sync,
+                transfers=transfers,
+                path_type=path_type,
+                redact=redact,
+            )
+            if span is not None:
+                _end_span(span, result)
+            return result
+    finally:
+        reset_current_task(token)
+
+
+async def _run(
+    definition: WorkerDefinition,
+    task: Task,
+    *,
+    task_dir: str,
+    extras: Mapping[str, object],
+    run_sync: Callable[[Callable[[], Any]], Awaitable[Any]],
+    transfers: Transfers | None,
+    path_type: Callable[[str], Any],
+    redact: Iterable[str],
+) -> dict[str, Any]:
     name = task.name
     try:
         params = task.params
@@ -95,3 +133,49 @@ def standard_extras(feed: Callable[[Any], None], task_id: str) -> dict[str, obje
         "add_to_hot_cache": add_to_hot_cache,
         "remove_from_hot_cache": remove_from_hot_cache,
     }
+
+
+# -- tracing (optional: only with OpenTelemetry and a configured tracer provider) ----------
+
+
+def _tracer() -> Any:
+    """The tracer to use, or None: no opentelemetry, or no provider configured."""
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        return None
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return None  # nobody installed an SDK: spans would be dropped anyway
+    return trace.get_tracer("rca_worker")
+
+
+@contextlib.contextmanager
+def _task_span(task: Task) -> Iterator[Any]:
+    tracer = _tracer()
+    if tracer is None:
+        yield None
+        return
+    from opentelemetry import trace
+    from opentelemetry.propagate import extract
+
+    carrier = task.tracing_context if isinstance(task.tracing_context, dict) else {}
+    parent = extract({str(k): str(v) for k, v in carrier.items()})
+    with tracer.start_as_current_span(
+        f"task {task.name}",
+        context=parent,
+        kind=trace.SpanKind.CONSUMER,
+        attributes={"rca.task_id": task.task_id, "rca.job_id": task.job_id, "rca.task": task.name},
+    ) as span:
+        yield span
+
+
+def _end_span(span: Any, result: Mapping[str, Any]) -> None:
+    from opentelemetry.trace import Status, StatusCode
+
+    status = str(result.get("status", "success"))
+    span.set_attribute("rca.result_status", status)
+    if status == "failure":
+        error = result.get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+        span.set_attribute("rca.error_code", str(code))
+        span.set_status(Status(StatusCode.ERROR, str(code)))
