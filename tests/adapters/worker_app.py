@@ -5,6 +5,7 @@ RCA_TEST_BACKEND); everything else is the worker's own configuration.
 """
 
 import importlib
+import logging
 import os
 
 import anyio
@@ -19,6 +20,12 @@ async def sleep(params: dict, files: mod.TaskFiles, **kwargs):
     print("STARTED", kwargs["task_id"], flush=True)
     await anyio.sleep(params["seconds"])
     return {"data": {"slept": params["seconds"]}}
+
+
+@worker.task("leak")
+async def leak(params: dict, **kwargs):
+    logging.getLogger("app").info("working on it")
+    raise RuntimeError(f"could not call the API with token {os.environ['WORKER_TOKEN']}")
 
 
 if __name__ == "__main__":
