@@ -69,6 +69,11 @@ async def test_health_ready_and_metrics(case: AdapterCase, tmp_path: Path) -> No
             release.wait(10)  # blocks the worker's event loop on purpose
             return {"data": {}}
 
+        @worker.task("slow")
+        async def slow(params: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+            await anyio.sleep(3)
+            return {"data": {}}
+
         @worker.task("quick")
         async def quick(params: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
             return {"status": "needs_review", "data": {}}
@@ -107,7 +112,11 @@ async def test_health_ready_and_metrics(case: AdapterCase, tmp_path: Path) -> No
             assert 'rca_request_duration_seconds_count{kind="result"}' in metrics
             assert 'rca_slots_in_use{kind="limit"} 10.0' in metrics
 
+            await orch.submit("slow")
+            await await_until(lambda: json.loads(fetch("/ready")[1])["slots"]["held"] == 1, timeout=10)
             await anyio.to_thread.run_sync(running.request_stop)
-            # Draining: alive, but never ready again.
-            await await_until(lambda: fetch("/ready")[0] == 503, timeout=10)
-            assert json.loads((await anyio.to_thread.run_sync(fetch, "/ready"))[1])["state"] != "running"
+            # Draining with a task running: alive, but not ready.
+            await await_until(lambda: json.loads(fetch("/ready")[1])["state"] == "draining", timeout=5)
+            assert (await anyio.to_thread.run_sync(fetch, "/ready"))[0] == 503
+            assert (await anyio.to_thread.run_sync(fetch, "/health"))[0] == 200
+            await orch.wait_for_results(3, within=10)
