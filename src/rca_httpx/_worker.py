@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ import shutil
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -36,7 +36,7 @@ import anyio.from_thread
 import anyio.to_thread
 import httpx
 
-from rca_core._app import WorkerDefinition
+from rca_core._app import WorkerDefinition, s3_settings
 from rca_core._config import ResolvedConfig, WorkerConfig
 from rca_core._driver import Driver
 from rca_core._events import (
@@ -54,14 +54,17 @@ from rca_core._events import (
     Task,
 )
 from rca_core._execution import execute_task, standard_extras
-from rca_core._logs import Redactor
+from rca_core._health import TICK_INTERVAL, HealthState
+from rca_core._logs import Redactor, configure_logging
 from rca_core._machine import MachineSettings, WorkerMachine
+from rca_core._metrics import WorkerMetrics
 from rca_core._paths import task_dir_name
 from rca_core._results import cancelled_result
 from rca_core._wire import HttpRequest
 
 from ._files import TaskFiles
-from ._health import serve_health
+from ._health import HealthServer
+from ._s3 import S3Transfers
 from ._transport import H11Transport
 from ._ws import WebSocket, WebSocketError, connect_websocket
 
@@ -105,6 +108,7 @@ class Worker:
             files_types=(TaskFiles,),
         )
         self._http_client = http_client
+        self.health_port: int | None = None
         self._driver: _Driver | None = None
         self._stop_early = False
 
@@ -146,6 +150,7 @@ class Worker:
         redactor = Redactor(resolved.secret_values())
         redactor.install()
         driver: _Driver | None = None
+        health_server: HealthServer | None = None
         try:
             async with anyio.create_task_group() as tg:
                 driver = _Driver(machine, client, self._definition, resolved, settings, s3, tg)
@@ -153,14 +158,7 @@ class Worker:
                 if handle_signals:
                     await tg.start(_watch_signals, driver)
                 if health:
-                    await tg.start(
-                        functools.partial(
-                            serve_health,
-                            driver,
-                            host=resolved.worker_host,
-                            port=resolved.worker_port,
-                        )
-                    )
+                    health_server = self._start_health(driver, resolved)
                 tg.start_soon(driver.run_timer)
                 log.info(
                     "worker %s (%s) starting on %s: %d handler(s), %d orchestrator(s)",
@@ -182,26 +180,47 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 if driver is not None:
                     driver.finished = True
-                if s3 is not None:
-                    await s3.close()
+                if health_server is not None:
+                    await anyio.to_thread.run_sync(health_server.stop)
+                await s3.close()
                 if own_client:
                     await client.aclose()
             redactor.remove()
         if driver is not None and driver.failure is not None:
             raise driver.failure
 
+    def _start_health(self, driver: _Driver, resolved: ResolvedConfig) -> HealthServer:
+        """Metrics on, a 1 Hz tick in the worker's loop, and the server in its own thread."""
+        state = HealthState(blocked_threshold=resolved.health_blocked_threshold)
+        driver.metrics = WorkerMetrics(state.latest_snapshot)
+        driver.tg.start_soon(driver.run_ticks, state)
+        server = HealthServer(
+            state,
+            driver.metrics,
+            host=resolved.worker_host,
+            port=resolved.worker_port,
+            backend=_current_backend(),
+        )
+        server.start()
+        self.health_port = server.port
+        log.info("health server on %s:%s", resolved.worker_host, server.port)
+        return server
+
     def run(self, backend: Backend | None = None) -> None:
         """Run the worker until SIGTERM/SIGINT (the first drains, the second cancels).
 
         ``backend``: ``"asyncio"`` or ``"trio"``; by default ``RCA_BACKEND``
-        from the configuration, which defaults to asyncio.
+        from the configuration, which defaults to asyncio. Sets up logging for
+        ``LOG_FORMAT`` unless the program already did.
         """
+        configure_logging(str(self._config.LOG_FORMAT))
         anyio.run(
             functools.partial(self.serve, handle_signals=True), backend=self._backend(backend)
         )
 
     def run_with_health_check(self, backend: Backend | None = None) -> None:
         """:meth:`run`, plus the health server on WORKER_HOST:WORKER_PORT."""
+        configure_logging(str(self._config.LOG_FORMAT))
         anyio.run(
             functools.partial(self.serve, health=True, handle_signals=True),
             backend=self._backend(backend),
@@ -243,20 +262,9 @@ def _local_ip() -> str:
         return "127.0.0.1"
 
 
-def _make_s3(resolved: ResolvedConfig) -> Any:
-    """The S3 transfers (``._s3``), found the way ``rca_aiohttp`` finds its own.
-
-    Looked up by name so that this module does not depend on the S3 module's
-    import-time requirements; None (no offloading) while it offers no
-    ``settings_from_config``.
-    """
-    try:
-        s3 = importlib.import_module(f"{__package__}._s3")
-        factory = s3.S3Transfers.from_settings
-        settings_from_config = s3.settings_from_config
-    except (ImportError, AttributeError):  # pragma: no cover - until the S3 wiring lands
-        return None
-    return factory(settings_from_config(resolved))
+def _make_s3(resolved: ResolvedConfig) -> S3Transfers:
+    settings = s3_settings(resolved)
+    return S3Transfers(settings) if settings is not None else S3Transfers.disabled()
 
 
 async def _watch_signals(
@@ -287,7 +295,7 @@ class _Driver(Driver):
         definition: WorkerDefinition,
         config: ResolvedConfig,
         settings: MachineSettings,
-        s3: Any,
+        s3: S3Transfers,
         tg: anyio.abc.TaskGroup,
     ) -> None:
         super().__init__(machine)
@@ -311,6 +319,7 @@ class _Driver(Driver):
         self._headers: dict[tuple[tuple[str, str], ...], httpx.Headers] = {}
         self._timeouts: dict[float, dict[str, float | None]] = {}
         self._loop_thread = threading.get_ident()
+        self._health: HealthState | None = None
 
     # -- Driver's primitives -----------------------------------------------------------
 
@@ -338,7 +347,31 @@ class _Driver(Driver):
             if scope.cancelled_caught:
                 self.on_timer()
 
+    async def run_ticks(self, state: HealthState) -> None:
+        """Refresh the health state once a second (only while a health server runs).
+
+        The health server lives in another thread and reads only what the last
+        tick stored: a tick that stops coming is how it sees a blocked loop.
+        """
+        self._health = state
+        while not self.finished:  # one wake-up per TICK_INTERVAL, until the worker stops
+            self._tick()
+            await anyio.sleep(TICK_INTERVAL)
+
+    def _tick(self) -> None:
+        state = self._health
+        if state is None:
+            return
+        failure = self.failure
+        state.tick(
+            time.monotonic(),
+            self.machine.snapshot(),
+            registered=self.machine.registered,
+            failure=None if failure is None else f"{type(failure).__name__}: {failure}",
+        )
+
     def do_stopped(self) -> None:
+        self._tick()  # the health server sees the final state
         self.stopped.set()
 
     def do_send_request(self, effect: SendRequest) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,10 +38,10 @@ import rca_httpx
 import rca_httpx.config as httpx_config
 import rca_httpx.typing as httpx_typing
 from rca_core._config import WorkerConfig
-from rca_core._events import ResponseReceived, SendRequest
-from rca_core._machine import MachineSettings, Orchestrator, WorkerMachine
+from rca_core._health import HealthState
+from rca_core._metrics import WorkerMetrics
 from rca_httpx import _worker
-from rca_httpx._health import serve_health
+from rca_httpx._health import HealthServer
 from rca_httpx._transport import H11Transport
 from rca_httpx._ws import WebSocketError, connect_websocket
 
@@ -619,70 +620,69 @@ async def test_ws_cannot_connect() -> None:
 # -- the health server ------------------------------------------------------------------------
 
 
-class Source:
-    """What the health server reads from the driver."""
-
-    def __init__(self) -> None:
-        settings = MachineSettings(
-            worker_id="w1",
-            worker_type="t",
-            orchestrators=(Orchestrator(url="http://127.0.0.1:9", token="x"),),
-            tasks={"echo": None},
-        )
-        self.machine = WorkerMachine(settings, rng=__import__("random").Random(1))
-        self.failure: BaseException | None = None
-
-    def register(self) -> None:
-        self.machine.start(0.0)
-        sent = [e for e in self.machine.effects() if isinstance(e, SendRequest)]
-        self.machine.handle(
-            ResponseReceived(request_id=sent[0].request_id, status=200, body=b"{}"), 0.1
-        )
+def snapshot(state: str = "running") -> dict[str, Any]:
+    return {
+        "state": state,
+        "slots": {"limit": 2, "polling": 2, "held": 0, "running": {}, "waiting": {}},
+        "orchestrators": [{"url": "http://o", "state": "registered", "healthy": True}],
+        "outbox": 0,
+        "counters": {"tasks_received": 3},
+    }
 
 
 @asynccontextmanager
-async def health_server(source: Source) -> AsyncIterator[str]:
-    async with anyio.create_task_group() as tg:
-        port = await tg.start(
-            lambda task_status: serve_health(
-                source, host="127.0.0.1", port=0, task_status=task_status
-            )
-        )
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            tg.cancel_scope.cancel()
+async def health_server(
+    state: HealthState, metrics: WorkerMetrics | None, backend: str
+) -> AsyncIterator[str]:
+    server = HealthServer(state, metrics, host="127.0.0.1", port=0, backend=backend)
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await anyio.to_thread.run_sync(server.stop)
 
 
-async def test_health_and_readiness_follow_the_machine() -> None:
-    source = Source()
-    async with health_server(source) as base, client() as c:
+async def test_health_readiness_and_metrics_from_the_state(anyio_backend: str) -> None:
+    state = HealthState(blocked_threshold=1.0)
+    metrics = WorkerMetrics(state.latest_snapshot)
+    async with health_server(state, metrics, anyio_backend) as base, client() as c:
+        r = await c.get(f"{base}/health")
+        assert r.status_code == 503  # no tick yet: the worker loop has not started
+        state.tick(time.monotonic(), snapshot("running"), registered=False, failure=None)
         r = await c.get(f"{base}/health")
         assert (r.status_code, r.json()["status"]) == (200, "ok")
+        assert r.headers["content-type"] == "application/json"
         r = await c.get(f"{base}/ready")
-        assert r.status_code == 503
-        assert r.json()["registered"] is False
-        source.register()
+        assert (r.status_code, r.json()["registered"]) == (503, False)
+        state.tick(time.monotonic(), snapshot("running"), registered=True, failure=None)
         r = await c.get(f"{base}/ready?verbose=1")
         assert (r.status_code, r.json()["status"]) == (200, "ready")
-        assert r.headers["content-type"] == "application/json"
-        source.failure = RuntimeError("core bug")
-        assert (await c.get(f"{base}/health")).json()["status"] == "dead"
+        r = await c.get(f"{base}/metrics")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/plain")
+        assert 'rca_slots_in_use{kind="limit"} 2.0' in r.text
+        state.tick(time.monotonic() - 5, snapshot("running"), registered=True, failure=None)
+        r = await c.get(f"{base}/health")
+        assert r.status_code == 503 and "blocked" in r.text  # the last tick is too old
+        state.tick(time.monotonic(), snapshot("draining"), registered=True, failure="Bug: x")
+        assert (await c.get(f"{base}/health")).status_code == 503
         assert (await c.get(f"{base}/ready")).status_code == 503
 
 
-async def test_health_server_http_details() -> None:
-    source = Source()
-    async with health_server(source) as base, client() as c:
+async def test_health_server_http_details(anyio_backend: str) -> None:
+    state = HealthState(blocked_threshold=1.0)
+    state.tick(time.monotonic() + 60, snapshot(), registered=True, failure=None)
+    async with health_server(state, None, anyio_backend) as base, client() as c:
         r = await c.head(f"{base}/health")
         assert r.status_code == 200
         assert r.content == b""
         assert int(r.headers["content-length"]) > 0
         assert (await c.get(f"{base}/nope")).status_code == 404
+        assert (await c.get(f"{base}/metrics")).status_code == 404  # no metrics given
         r = await c.post(f"{base}/health", content=b"x" * 10_000)
         assert r.status_code == 405
         assert r.headers["allow"] == "GET, HEAD"
-        assert (await c.get(f"{base}/health")).status_code == 200  # same connection still fine
+        assert (await c.get(f"{base}/health")).status_code == 200  # the connection survived
         host, port = base.removeprefix("http://").split(":")
         stream = await anyio.connect_tcp(host, int(port))
         async with stream:
@@ -690,6 +690,18 @@ async def test_health_server_http_details() -> None:
             with anyio.fail_after(5):
                 data = await stream.receive()
         assert data.startswith(b"HTTP/1.1 400")
+
+
+async def test_health_server_port_in_use_fails_at_start(anyio_backend: str) -> None:
+    state = HealthState(blocked_threshold=1.0)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = HealthServer(state, None, host="127.0.0.1", port=port, backend=anyio_backend)
+        with pytest.raises(OSError):
+            await anyio.to_thread.run_sync(server.start)
+        server.stop()
 
 
 # -- the Worker's own surface -------------------------------------------------------------
