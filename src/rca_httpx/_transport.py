@@ -12,8 +12,9 @@ this transport keeps exactly what it needs:
   reused only when h11 says the exchange ended cleanly, and an idle one is
   checked for a peer close before it is reused;
 * a request that fails on a *reused* connection before any byte of a response
-  arrived is retried once on a fresh connection: that is the keep-alive race
-  (the server closed the idle connection as we sent), not a server failure;
+  arrived is retried once on a fresh connection (if its body is in memory):
+  that is the keep-alive race (the server closed the idle connection as we
+  sent), not a server failure;
 * ``Content-Length`` and chunked bodies both ways (h11 frames them);
 * a response whose body is already in hand when its head is parsed (the usual
   small JSON reply) is returned at once and the connection released; larger
@@ -136,12 +137,14 @@ class H11Transport(httpx.AsyncBaseTransport):
         conn = await self._checkout(origin)
         if conn is not None:
             try:
-                return await self._exchange(conn, request, timeouts, reused=True)
+                # Only an in-memory body can be sent twice; a stream is consumed by then.
+                retryable = isinstance(request.stream, httpx.ByteStream)
+                return await self._exchange(conn, request, timeouts, retryable=retryable)
             except _NoResponseYet:
                 pass  # the keep-alive race: once more, on a new connection
         conn = await self._connect(origin, request, timeouts.get("connect"))
         try:
-            return await self._exchange(conn, request, timeouts, reused=False)
+            return await self._exchange(conn, request, timeouts, retryable=False)
         except _NoResponseYet as exc:  # pragma: no cover - only raised for reused ones
             raise httpx.RemoteProtocolError(str(exc), request=request) from exc
 
@@ -232,9 +235,12 @@ class H11Transport(httpx.AsyncBaseTransport):
         request: httpx.Request,
         timeouts: dict[str, float | None],
         *,
-        reused: bool,
+        retryable: bool,
     ) -> httpx.Response:
         """Send ``request`` on ``conn``; read the response head (and the body if at hand).
+
+        ``retryable``: a failure before any response byte raises
+        :class:`_NoResponseYet` (the caller retries on a new connection).
 
         An in-memory body (the worker's JSON) goes out in the same write as the
         head, and sending it plus waiting for the response head share one
@@ -281,7 +287,7 @@ class H11Transport(httpx.AsyncBaseTransport):
                                 data = b""
                             if data:
                                 got_bytes = True
-                            elif reused and not got_bytes:
+                            elif retryable and not got_bytes:
                                 raise _NoResponseYet("the server closed the connection")
                             h.receive_data(data)
                         event = h.next_event()
@@ -294,7 +300,7 @@ class H11Transport(httpx.AsyncBaseTransport):
                     f"send timed out after {timeout} s", request=request
                 ) from exc
             except _IO_ERRORS as exc:
-                if reused and not got_bytes:
+                if retryable and not got_bytes:
                     raise _NoResponseYet(_describe(exc)) from exc
                 if sent:
                     raise httpx.ReadError(_describe(exc), request=request) from exc
@@ -302,11 +308,11 @@ class H11Transport(httpx.AsyncBaseTransport):
             except h11.LocalProtocolError as exc:
                 raise httpx.LocalProtocolError(str(exc), request=request) from exc
             except h11.RemoteProtocolError as exc:
-                if reused and not got_bytes:
+                if retryable and not got_bytes:
                     raise _NoResponseYet(str(exc)) from exc
                 raise httpx.RemoteProtocolError(str(exc), request=request) from exc
             if type(event) is not h11.Response:  # ConnectionClosed before a response
-                if reused and not got_bytes:
+                if retryable and not got_bytes:
                     raise _NoResponseYet("the server closed the connection")
                 raise httpx.RemoteProtocolError(
                     "the server closed the connection without a response", request=request

@@ -149,11 +149,15 @@ class Worker:
         s3 = _make_s3(resolved)
         redactor = Redactor(resolved.secret_values())
         redactor.install()
+        quiet = _QuietOwnRequests()
+        httpx_log = logging.getLogger("httpx")
+        httpx_log.addFilter(quiet)
         driver: _Driver | None = None
         health_server: HealthServer | None = None
         try:
             async with anyio.create_task_group() as tg:
                 driver = _Driver(machine, client, self._definition, resolved, settings, s3, tg)
+                driver.url_texts = quiet.urls
                 self._driver = driver
                 if handle_signals:
                     await tg.start(_watch_signals, driver)
@@ -185,6 +189,7 @@ class Worker:
                 await s3.close()
                 if own_client:
                     await client.aclose()
+            httpx_log.removeFilter(quiet)
             redactor.remove()
         if driver is not None and driver.failure is not None:
             raise driver.failure
@@ -232,6 +237,29 @@ class Worker:
         if backend not in _BACKENDS:
             raise ValueError(f"backend={backend!r}: expected 'asyncio' or 'trio'")
         return backend
+
+
+class _QuietOwnRequests(logging.Filter):
+    """Drops httpx's INFO line per request, for the worker's own protocol requests only.
+
+    ``httpx.AsyncClient`` logs every request at INFO; with the usual INFO
+    logging that is a line per long poll and two per task, which
+    ``rca_aiohttp`` does not write. A handler's own httpx requests (to other
+    URLs) keep their lines.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            record.levelno == logging.INFO
+            and isinstance(args, tuple)
+            and len(args) > 1
+            and str(args[1]) in self.urls
+        )
 
 
 def _default_client() -> httpx.AsyncClient:
@@ -316,6 +344,7 @@ class _Driver(Driver):
         self._secrets = config.secret_values()
         self._limiters = _limiters(settings)
         self._urls: dict[str, httpx.URL] = {}
+        self.url_texts: set[str] = set()  # shared with the log filter
         self._headers: dict[tuple[tuple[str, str], ...], httpx.Headers] = {}
         self._timeouts: dict[float, dict[str, float | None]] = {}
         self._loop_thread = threading.get_ident()
@@ -428,7 +457,9 @@ class _Driver(Driver):
         if url is None:
             if len(self._urls) >= _CACHE_LIMIT:
                 self._urls.clear()
+                self.url_texts.clear()
             url = self._urls[req.url] = httpx.URL(req.url)
+            self.url_texts.add(str(url))
         headers = self._headers.get(req.headers)
         if headers is None:
             if len(self._headers) >= _CACHE_LIMIT:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -338,6 +339,23 @@ async def test_keep_alive_race_is_retried_once_on_a_new_connection() -> None:
         assert r.content == b"ok"
     assert script.connections == 2
     assert [s.connection for s in script.requests] == [1, 1, 2]
+
+
+async def test_a_streamed_body_is_not_sent_twice() -> None:
+    async def respond(seen: Seen, index: int) -> tuple[bytes, str]:
+        if index == 1:
+            return b"", "close"
+        return reply(200, b"ok"), "keep"
+
+    async def parts() -> AsyncIterator[bytes]:
+        yield b"only once"
+
+    script = HttpScript(respond)
+    async with http_server(script) as base, client() as c:
+        assert (await c.get(f"{base}/")).content == b"ok"
+        with pytest.raises(httpx.RemoteProtocolError):
+            await c.post(f"{base}/", content=parts())
+    assert len(script.requests) == 2
 
 
 async def test_a_new_connection_closed_without_reply_is_an_error() -> None:
@@ -735,6 +753,21 @@ def test_run_picks_the_backend(
     assert [backend for _, backend in calls] == [expected, expected]
     assert calls[0][0].keywords == {"handle_signals": True}
     assert calls[1][0].keywords == {"health": True, "handle_signals": True}
+
+
+def test_httpx_request_lines_are_dropped_for_the_workers_own_urls() -> None:
+    quiet = _worker._QuietOwnRequests()
+    quiet.urls.add("http://o/_worker/tasks/result")
+
+    def record(level: int, url: str) -> logging.LogRecord:
+        args = ("POST", httpx.URL(url), "HTTP/1.1", 200, "OK")
+        return logging.LogRecord(
+            "httpx", level, __file__, 1, 'HTTP Request: %s %s "%s %d %s"', args, None
+        )
+
+    assert not quiet.filter(record(logging.INFO, "http://o/_worker/tasks/result"))
+    assert quiet.filter(record(logging.INFO, "http://elsewhere/api"))
+    assert quiet.filter(record(logging.WARNING, "http://o/_worker/tasks/result"))
 
 
 def test_run_rejects_an_unknown_backend() -> None:
