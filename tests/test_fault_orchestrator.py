@@ -518,11 +518,11 @@ async def test_unknown_worker_200_null_and_404(fault_orchestrator: FaultOrchestr
 
 async def test_worker_ttl_expires_silent_workers(fault_orchestrator: FaultOrchestrator) -> None:
     orch = fault_orchestrator
-    orch.worker_ttl = 0.2
+    orch.worker_ttl = 1.0
     async with session() as s:
         await register(s, orch)
         assert (await beat(s, orch))[0] == 200
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.2)
         assert await beat(s, orch) == (200, None)
 
 
@@ -631,13 +631,13 @@ async def test_websocket_that_ignores_pings_looks_dead(
 ) -> None:
     orch = fault_orchestrator
     async with session() as s:
-        async with s.ws_connect(orch.ws_url("w1"), headers=H, heartbeat=0.2) as ws:
+        async with s.ws_connect(orch.ws_url("w1"), headers=H, heartbeat=0.5) as ws:
             # pongs come back: the socket stays up (receive(timeout=) restarts on each pong)
             with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.8):
+                async with asyncio.timeout(1.2):
                     await ws.receive()
         orch.ws_answer_pings = False
-        async with s.ws_connect(orch.ws_url("w2"), headers=H, heartbeat=0.2) as ws:
+        async with s.ws_connect(orch.ws_url("w2"), headers=H, heartbeat=0.5) as ws:
             async with asyncio.timeout(5):
                 msg = await ws.receive()
             assert msg.type in (
@@ -645,6 +645,31 @@ async def test_websocket_that_ignores_pings_looks_dead(
                 aiohttp.WSMsgType.CLOSING,
                 aiohttp.WSMsgType.ERROR,
             )
+
+
+async def test_server_heartbeat_drops_a_client_that_never_pongs(
+    fault_orchestrator: FaultOrchestrator,
+) -> None:
+    orch = fault_orchestrator
+    orch.ws_heartbeat = 0.2
+    ends = (
+        aiohttp.WSMsgType.CLOSE,
+        aiohttp.WSMsgType.CLOSING,
+        aiohttp.WSMsgType.CLOSED,
+        aiohttp.WSMsgType.ERROR,
+    )
+    async with session() as s:
+        async with s.ws_connect(orch.ws_url("w1"), headers=H, autoping=False) as ws:
+            await orch.wait_for_ws("w1")
+            kinds = []
+            async with asyncio.timeout(5):
+                for _ in range(50):
+                    msg = await ws.receive()
+                    kinds.append(msg.type)
+                    if msg.type in ends:
+                        break
+    assert aiohttp.WSMsgType.PING in kinds and kinds[-1] in ends
+    await orch.wait_for(lambda: orch.ws_open("w1") == 0, 5)
 
 
 # ------------------------------------------------------------------------------ connection level
@@ -825,7 +850,7 @@ async def test_standalone_control_port_survives_refuse_and_restart() -> None:
             assert (await beat(s, proc))[0] == 200
 
             control.restart(downtime=0.2)
-            await anyio.to_thread.run_sync(lambda: _until(lambda: _reachable(control)))
+            await anyio.to_thread.run_sync(lambda: _until(lambda: _restarted(control)))
             assert (await beat(s, proc))[0] == 200
             assert control.state()["port"] == proc.port
 
@@ -847,8 +872,9 @@ def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     raise TimeoutError("condition not met")
 
 
-def _reachable(control: Any) -> bool:
+def _restarted(control: Any) -> bool:
     try:
-        return bool(control.state()["listening"])
-    except OSError:
+        state = control.state()
+    except OSError:  # down for the restart
         return False
+    return bool(state["restarts"] == 1 and state["listening"])

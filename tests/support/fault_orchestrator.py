@@ -33,6 +33,10 @@ endpoint; every action also exists as ``{"kind": ...}`` JSON, see ``action_from_
 * ``Delay(seconds, then=None)`` - answer late (then ``then`` or the normal behaviour).
 * ``Normal()`` / ``NORMAL`` - the normal behaviour (useful as a placeholder in a script).
 
+Note: aiohttp's client silently retries an idempotent request (GET: poll, ws handshake) once
+after a reset or disconnect, so one ``Reset`` on ``poll`` is invisible to an aiohttp worker;
+script two (or use ``set_fault``) to make it see one.
+
 How actions are chosen, per route: ``script(route, *actions)`` queues one-shot actions that
 are consumed in order, one per request; when the script is empty the sticky
 ``set_fault(route, action)`` applies to every request; with neither, normal behaviour.
@@ -71,7 +75,7 @@ Records (for assertions): ``requests`` (``RecordedRequest``: route, method, path
 headers with the token value redacted, token_ok, body, time, status, outcome), ``workers`` (last
 registration body per worker), ``worker_records`` (merged), ``heartbeats``, ``results``
 (accepted), ``rejected_results``, ``result_attempts``, ``dispatched``, ``swallowed``,
-``ws_connects``, ``ws_messages``, ``ws_sent``. Times are ``time.monotonic()`` (system-wide on
+``ws_connects``, ``ws_messages``, ``ws_sent``, ``restarts``. Times are ``time.monotonic()`` (system-wide on
 Linux, so comparable across processes). Helpers: ``count(route, since=, status=)``,
 ``results_for(task_id)``, ``result_counts()``, ``duplicate_results()``, ``wait_for(pred,
 timeout)``, ``wait_for_count``, ``wait_for_results``, ``wait_for_ws``, ``wait_for_hanging``.
@@ -571,6 +575,7 @@ class FaultOrchestrator:
         self.ws_connects: Counter[str] = Counter()
         self.ws_messages: list[WsMessage] = []
         self.ws_sent: list[tuple[str, Any]] = []
+        self.restarts = 0  # completed restart() calls
         # internals
         self._last_seen: dict[str, float] = {}
         self._inflight: dict[int, RecordedRequest] = {}  # id(request) -> its record
@@ -697,6 +702,8 @@ class FaultOrchestrator:
         if downtime > 0:
             await asyncio.sleep(downtime)
         await self.start()
+        self.restarts += 1
+        self._notify()
 
     async def refuse_connections(self, *, drop_existing: bool = True) -> None:
         """Stop listening on the main port (connects are refused); state is kept."""
@@ -1059,6 +1066,7 @@ class FaultOrchestrator:
         name = request.match_info.route.name
         route = name if name in ROUTES else "other"
         rec = await self._record(request, route)
+        response: web.StreamResponse
         try:
             if self.require_token and not rec.token_ok:
                 rec.outcome = "unauthorized"
@@ -1388,12 +1396,13 @@ class FaultOrchestrator:
 
     def state(self) -> dict[str, Any]:
         """A JSON-able summary (what ``GET /_control/state`` returns)."""
-        return _to_jsonable(
+        summary: dict[str, Any] = _to_jsonable(
             {
                 "now": time.monotonic(),
                 "url": self.url,
                 "port": self.port,
                 "listening": self._listening,
+                "restarts": self.restarts,
                 "counts": dict(Counter(r.route for r in self.requests)),
                 "statuses": {
                     route: dict(Counter(str(r.status) for r in self.requests_for(route)))
@@ -1419,6 +1428,7 @@ class FaultOrchestrator:
                 "switches": self.switches(),
             }
         )
+        return summary
 
     async def _c_state(self, request: web.Request) -> web.Response:
         return self._c_ok(self.state())
