@@ -46,7 +46,15 @@ class Redactor(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not self._secrets:
             return True
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception as exc:
+            # A message that cannot be formatted (a bad format, an argument whose str()
+            # raises) must not make the log call raise, as it would here, at the call
+            # site. Its arguments are dropped: logging's error report prints them raw.
+            fmt = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
+            message = f"{fmt} [log arguments could not be formatted: {type(exc).__name__}]"
+            record.msg, record.args = message, None
         clean = self.redact(message)
         if clean != message:
             record.msg, record.args = clean, None
