@@ -258,12 +258,12 @@ class Simulation:
                     self.now + duration, lambda: self._finish(task.task_id, result)
                 )
         elif isinstance(effect, CancelHandler):
+            # The machine cancels a handler once, while it runs: it stops at once.
             token = self._finishing.pop(effect.task_id, None)
             if token is not None:
                 self._cancelled_finishes.add(token)
-            if effect.task_id in self.running:
-                tid = effect.task_id
-                self.at(self.now, lambda: self._finish(tid, {"status": "cancelled"}))
+            tid = effect.task_id
+            self.at(self.now, lambda: self._finish(tid, {"status": "cancelled"}))
         elif isinstance(effect, OpenCommandChannel):
             fake = self._fake_for(
                 effect.url.replace("ws://", "http://").replace("wss://", "https://")
@@ -288,12 +288,11 @@ class Simulation:
                 owner.commands_received.append(effect.text)
         elif isinstance(effect, CleanupTask):
             self.cleaned.append(effect.task_id)
-        elif isinstance(effect, WorkerStopped):
+        else:  # WorkerStopped, the last kind of effect
             self.stopped = effect
 
     def _finish(self, task_id: str, result: dict[str, Any]) -> None:
-        if self.running.pop(task_id, None) is None:
-            return
+        del self.running[task_id]  # a handler finishes once: a cancelled finish never runs
         self._finishing.pop(task_id, None)
         self.feed(HandlerFinished(task_id=task_id, result=result))
 
