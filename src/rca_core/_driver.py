@@ -178,7 +178,7 @@ class Driver(ABC):
             self.do_close_channel(effect.channel)
         elif isinstance(effect, SendCommandMessage):
             self.do_send_message(effect.channel, effect.text)
-        elif isinstance(effect, WorkerStopped):
+        else:  # WorkerStopped: the effects are a closed union
             if effect.undelivered:
                 log.error("worker stopped with %d result(s) undelivered", effect.undelivered)
             else:
