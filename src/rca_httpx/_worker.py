@@ -179,6 +179,11 @@ class Worker:
                 await driver.stopped.wait()
                 await driver.wait_for_cleanups()
                 tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # One failure (a health port in use, a bug): raise it as itself, as rca_aiohttp would.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         finally:
             self._driver = None
             with anyio.CancelScope(shield=True):

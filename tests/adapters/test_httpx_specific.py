@@ -770,6 +770,24 @@ def test_httpx_request_lines_are_dropped_for_the_workers_own_urls() -> None:
     assert quiet.filter(record(logging.WARNING, "http://o/_worker/tasks/result"))
 
 
+async def test_serve_raises_a_single_failure_as_itself(anyio_backend: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = WorkerConfig(
+            {
+                "WORKER_TOKEN": "t",
+                "ORCHESTRATOR_URL": f"http://127.0.0.1:{free_port()}",
+                "WORKER_HOST": "127.0.0.1",
+                "WORKER_PORT": str(taken.getsockname()[1]),
+            }
+        )
+        worker = rca_httpx.Worker(config=config)
+        with anyio.fail_after(10), pytest.raises(OSError):
+            await worker.serve(health=True)
+    assert worker.snapshot() == {}
+
+
 def test_run_rejects_an_unknown_backend() -> None:
     worker = rca_httpx.Worker(config=WorkerConfig({"WORKER_TOKEN": "t"}))
     with pytest.raises(ValueError, match="curio"):
