@@ -145,7 +145,7 @@ class Worker:
         )
         machine = WorkerMachine(settings, rng=random.Random())
         own_client = self._http_client is None
-        client = self._http_client or _default_client()
+        client = self._http_client or _default_client(settings.max_concurrent_tasks)
         s3 = _make_s3(resolved)
         redactor = Redactor(resolved.secret_values())
         redactor.install()
@@ -267,13 +267,17 @@ class _QuietOwnRequests(logging.Filter):
         )
 
 
-def _default_client() -> httpx.AsyncClient:
+def _default_client(max_concurrent_tasks: int) -> httpx.AsyncClient:
     """One pooled client on the lean transport; every request carries its own timeout.
+
+    Enough idle connections are kept for every slot's long poll plus the
+    heartbeats and results around them (as ``rca_aiohttp`` sizes its pool).
 
     ``trust_env=False``: no proxy or netrc from the environment, as with the
     aiohttp adapter (pass your own ``http_client`` to route through a proxy).
     """
-    return httpx.AsyncClient(transport=H11Transport(), trust_env=False, timeout=60.0)
+    transport = H11Transport(max_idle_per_origin=max(64, 4 * max_concurrent_tasks))
+    return httpx.AsyncClient(transport=transport, trust_env=False, timeout=60.0)
 
 
 def _current_backend() -> str:
