@@ -165,12 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             return _check(worker)
         if args.command == "try":
             return asyncio.run(_try(worker, _tasks_from(args), args.timeout))
+        run = worker.run_with_health_check if args.health else worker.run
         if args.backend is not None:
-            worker.run(backend=args.backend)
-        elif args.health:
-            worker.run_with_health_check()
+            run(backend=args.backend)
         else:
-            worker.run()
+            run()
         return 0
     except ConfigError as exc:
         print(f"rca-worker: configuration error: {exc}", file=sys.stderr)

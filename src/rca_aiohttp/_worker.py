@@ -16,6 +16,7 @@ import random
 import shutil
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -227,6 +228,7 @@ class _Driver(Driver):
         self.config = config
         self.s3 = s3
         self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self.stopped = asyncio.Event()
         self._requests: dict[int, asyncio.Task[None]] = {}
         self._abandoned: set[int] = set()
@@ -364,7 +366,7 @@ class _Driver(Driver):
     async def _run_handler(self, task: Task) -> None:
         task_id = task.task_id
         task_dir = self._task_dir(task_id)
-        extras = standard_extras(self.feed, task_id)
+        extras = standard_extras(self._feed_from_anywhere, task_id)
         spec = self.definition.handlers[task.name]
         if spec.files_arg is not None:
             extras[spec.files_arg] = TaskFiles(task_dir)
@@ -387,6 +389,17 @@ class _Driver(Driver):
             self._handlers.pop(task_id, None)
             self._cancelling.discard(task_id)
         self.feed(HandlerFinished(task_id=task_id, result=result))
+
+    def _feed_from_anywhere(self, event: Event) -> None:
+        """``feed``, also from a sync handler's thread (``add_to_hot_cache`` is sync).
+
+        The machine is not thread-safe: a call from another thread is handed to
+        the event loop.
+        """
+        if threading.get_ident() == self._loop_thread:
+            self.feed(event)
+        else:
+            self.loop.call_soon_threadsafe(self.feed, event)
 
     # -- command channel -----------------------------------------------------------------
 

@@ -28,7 +28,6 @@ from ._events import (
     SendCommandMessage,
     SendRequest,
     StartHandler,
-    WorkerStopped,
 )
 from ._machine import WorkerMachine
 from ._metrics import WorkerMetrics
