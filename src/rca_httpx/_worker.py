@@ -382,7 +382,12 @@ class _Driver(Driver):
                 self._timer_scope = scope
                 await anyio.sleep_forever()
             self._timer_scope = None
-            if scope.cancelled_caught:
+            if scope.cancelled_caught and self.now() >= self._deadline:
+                # The timer is used up (the Driver arms a new one only when the
+                # machine asks). Left at its past deadline it would fire again at
+                # once, in a busy loop while a request is out; and a deadline that
+                # set_timer moved later while this one fired must not run now.
+                self._deadline = math.inf
                 self.on_timer()
 
     async def run_ticks(self, state: HealthState) -> None:
