@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import os
 import pathlib
 import threading
 import time
@@ -616,28 +615,6 @@ async def test_many_small_objects_are_bounded(
     files = tree(pathlib.Path(local["x"]))
     assert len(files) == 40 and files["007.txt"] == b"7"
 
-
-@pytest.mark.parametrize("package", ["rca_aiohttp", "rca_httpx"])
-def test_local_disk_facts(package: str, tmp_path: pathlib.Path) -> None:
-    """The adapters' answers to the core's questions about the disk."""
-    disk = importlib.import_module(f"{package}._s3")._LocalDisk()
-    (tmp_path / "d" / "sub").mkdir(parents=True)
-    (tmp_path / "d" / "a.txt").write_bytes(b"abc")
-    (tmp_path / "d" / "sub" / "b.txt").write_bytes(b"b")
-    (tmp_path / "d" / "linked").symlink_to(tmp_path / "d" / "sub")
-    (tmp_path / "d" / "dead").symlink_to(tmp_path / "nowhere")
-    os.mkfifo(tmp_path / "fifo")
-    root = str(tmp_path / "d")
-    assert disk.resolve(str(tmp_path / "d" / "linked" / "b.txt")) == f"{root}/sub/b.txt"
-    assert disk.resolve(str(tmp_path / "d" / "dead")) is None
-    assert disk.stat(f"{root}/a.txt") == ("file", 3)
-    assert disk.stat(root) == ("dir", 0)
-    assert disk.stat(str(tmp_path / "fifo")) == ("other", 0)
-    assert disk.stat(str(tmp_path / "nowhere")) == ("missing", 0)
-    assert disk.walk(root, 100) == ["a.txt", "dead", "linked", "sub/b.txt"]
-    assert disk.walk(root, 2) == ["a.txt", "dead"]
-    with pytest.raises(FileNotFoundError):
-        disk.walk(str(tmp_path / "nowhere"), 10)
 
 
 async def test_closed_transfers_refuse_new_work(case: Case, task_dir: pathlib.Path) -> None:

@@ -34,13 +34,9 @@ entire object. All decisions come from :mod:`rca_core._s3plan`, exactly as in
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
 import pathlib
-import stat
-import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -48,11 +44,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from rca_core._errors import PERMANENT_ERROR, TRANSIENT_ERROR, TaskFailure
+from rca_core._errors import TRANSIENT_ERROR, TaskFailure
+from rca_core._localdisk import (
+    DiskError,
+    LocalDisk,
+    PartFile,
+    import_obstore,
+    make_folders,
+    write_empty,
+)
 from rca_core._s3plan import (
     MAX_LISTED_OBJECTS,
     DownloadItem,
-    FileKind,
     InputRef,
     S3Settings,
     TransferOperation,
@@ -77,124 +80,7 @@ _T = TypeVar("_T")
 _STOP_WAIT = 60.0  # seconds a cancelled upload may take to notice its stop flag
 
 
-def _import_obstore() -> Any:
-    """``obstore``, or a clear ``TaskFailure`` if the extra is not installed."""
-    try:
-        import obstore
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise TaskFailure(
-            PERMANENT_ERROR,
-            "S3 transfers need obstore: install the worker with the [s3] extra",
-        ) from exc
-    return obstore
-
-
-class _LocalDisk:
-    """The disk facts :func:`rca_core._s3plan.plan_uploads` asks for."""
-
-    def resolve(self, path: str) -> str | None:
-        real = os.path.realpath(path)
-        return real if os.path.lexists(real) else None
-
-    def stat(self, path: str) -> tuple[FileKind, int]:
-        try:
-            info = os.stat(path)
-        except OSError:
-            return "missing", 0
-        if stat.S_ISREG(info.st_mode):
-            return "file", info.st_size
-        if stat.S_ISDIR(info.st_mode):
-            return "dir", 0
-        return "other", 0
-
-    def walk(self, folder: str, limit: int) -> Sequence[str]:
-        found: list[str] = []
-        for current, dirs, files in os.walk(folder, onerror=_raise, followlinks=False):
-            relative = os.path.relpath(current, folder)
-            base = "" if relative == "." else relative.replace(os.sep, "/") + "/"
-            linked = [d for d in dirs if os.path.islink(os.path.join(current, d))]
-            for name in sorted(files) + sorted(linked):
-                found.append(base + name)
-                if len(found) >= limit:
-                    return found
-            dirs.sort()
-        return found
-
-
-def _raise(error: OSError) -> None:
-    """``os.walk`` must not skip an unreadable folder silently."""
-    raise error
-
-
-class _DiskError(Exception):
-    """A local disk failure (full, read-only, permissions) while storing an input.
-
-    Kept apart from ``OSError`` so that a local ``FileNotFoundError`` is never
-    mistaken for a missing S3 object: it classifies as ``other`` (transient).
-    """
-
-
-def _on_disk(action: Callable[[], _T], what: str) -> _T:
-    try:
-        return action()
-    except OSError as exc:
-        raise _DiskError(f"local disk: cannot {what}: {exc}") from exc
-
-
-class _PartFile:
-    """A temporary file beside ``dest`` that becomes ``dest`` only when complete.
-
-    A lock serialises ``write`` against ``discard``: when a download is
-    cancelled while a write still runs in a thread, the file is closed only
-    after that write returns, never under it.
-    """
-
-    def __init__(self, dest: str) -> None:
-        self._dest = dest
-        fd, self._tmp = _on_disk(
-            lambda: tempfile.mkstemp(
-                prefix=f".{os.path.basename(dest)[:40]}.",
-                suffix=".part",
-                dir=os.path.dirname(dest),
-            ),
-            f"create a file next to {dest}",
-        )
-        self._file: Any = os.fdopen(fd, "wb")
-        self._lock = threading.Lock()
-
-    def write(self, chunk: bytes) -> None:
-        with self._lock:
-            if not self._file.closed:  # a write queued before a discard is dropped
-                _on_disk(lambda: self._file.write(chunk), f"write {self._dest}")
-
-    def commit(self) -> None:
-        with self._lock:
-            _on_disk(self._file.close, f"write {self._dest}")
-            _on_disk(lambda: os.replace(self._tmp, self._dest), f"create {self._dest}")
-
-    def discard(self) -> None:
-        """Drop the temporary file; never raises over the original failure."""
-        with self._lock, contextlib.suppress(OSError):
-            try:
-                self._file.close()
-            finally:
-                os.unlink(self._tmp)
-
-
-def _make_folders(folders: Sequence[str]) -> None:
-    for folder in folders:
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise _DiskError(f"local disk: cannot create folder {folder}: {exc}") from exc
-
-
-def _write_empty(path: str) -> None:
-    part = _PartFile(path)
-    part.commit()
-
-
-def _pump(stream: Iterator[bytes], part: _PartFile) -> bool:
+def _pump(stream: Iterator[bytes], part: PartFile) -> bool:
     """Move one chunk from obstore's sync stream to disk; ``False`` at the end."""
     chunk = next(stream, None)
     if chunk is None:
@@ -298,8 +184,8 @@ class S3Transfers:
             )
         )
         try:
-            await self._in_thread(_make_folders, plan.folders)
-        except _DiskError as exc:
+            await self._in_thread(make_folders, plan.folders)
+        except DiskError as exc:
             raise self._failure(exc, "download", str(task_dir)) from None
         await self._each(plan.items, self._download)
         return substitute(params, plan.replacements)
@@ -322,7 +208,7 @@ class S3Transfers:
                     plan_uploads,
                     data,
                     str(task_dir),
-                    _LocalDisk(),
+                    LocalDisk(),
                     bucket=settings.default_bucket,
                     key_prefix=settings.key_prefix,
                     job_id=job_id,
@@ -357,7 +243,7 @@ class S3Transfers:
         store = self._stores.get(bucket)
         if store is None:
             assert self._settings is not None
-            _import_obstore()
+            import_obstore()
             from obstore.store import S3Store
 
             store = S3Store(**self._settings.store_kwargs(bucket))
@@ -395,7 +281,7 @@ class S3Transfers:
             raise first_failure(group_error) from None
 
     async def _list(self, bucket: str, prefix: str, uri: str) -> list[tuple[str, int]]:
-        obstore = _import_obstore()
+        obstore = import_obstore()
         listed: list[tuple[str, int]] = []
         async with self._slots:
             try:
@@ -411,12 +297,12 @@ class S3Transfers:
 
     async def _download(self, item: DownloadItem) -> None:
         assert self._settings is not None
-        obstore = _import_obstore()
+        obstore = import_obstore()
         uri = f"s3://{item.bucket}/{item.key}"
         chunk_size = self._settings.chunk_size
         async with self._slots:
             if item.size == 0:
-                await self._in_thread(_write_empty, item.local_path)
+                await self._in_thread(write_empty, item.local_path)
                 return
             try:
                 result = await self._in_thread(
@@ -424,7 +310,7 @@ class S3Transfers:
                 )
                 stream = result.stream(min_chunk_size=chunk_size)
                 budget = chunk_budget(result.meta["size"], chunk_size)
-                part = await self._in_thread(_PartFile, item.local_path)
+                part = await self._in_thread(PartFile, item.local_path)
             except Exception as exc:
                 raise self._failure(exc, "download", uri) from None
             try:
@@ -442,7 +328,7 @@ class S3Transfers:
 
     async def _upload(self, item: UploadItem) -> None:
         assert self._settings is not None
-        obstore = _import_obstore()
+        obstore = import_obstore()
         uri = f"s3://{item.bucket}/{item.key}"
         stop = threading.Event()
         done = threading.Event()
