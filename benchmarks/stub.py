@@ -19,9 +19,9 @@ the measured window begins with a worker that is already up and polling.
 Control routes (for the harness, not counted as worker traffic):
 
 - ``POST /_control/start`` with ``{"pid": WORKER_PID}``: open the tap; the
-  stub samples that process's CPU time (``/proc/PID/stat``) at the start and at
-  every result mark (10 %, 50 %, 100 % of the budget), so the measured window
-  is exact;
+  stub samples that process's CPU time (``/proc/PID/stat``) and RSS (``VmRSS``)
+  at the start and at every result mark (10 %, 50 %, 100 % of the budget), so
+  the measured window is exact;
 - ``GET /_control/stats``: counters and marks as JSON;
 - ``GET /_control/wait?timeout=S``: answers when every budgeted task has its
   result, or after S seconds, with the same JSON.
@@ -96,6 +96,18 @@ def proc_cpu_seconds(pid: int) -> float | None:
     # 14th and 15th fields of the line, i.e. the 12th and 13th after ")".
     fields = raw[raw.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_kib(pid: int) -> int | None:
+    """Resident set size (``VmRSS``) of a process, in KiB."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def self_cpu_seconds() -> float:
@@ -228,12 +240,14 @@ class Stub:
     def add_mark(self, name: str, results: int) -> None:
         now = time.perf_counter()
         cpu = proc_cpu_seconds(self.watch_pid) if self.watch_pid else None
+        rss = proc_rss_kib(self.watch_pid) if self.watch_pid else None
         self.marks.append(
             {
                 "name": name,
                 "results": results,
                 "t": now - (self.t_start or now),
                 "worker_cpu_s": cpu,
+                "worker_rss_kib": rss,
                 "stub_cpu_s": self_cpu_seconds(),
             }
         )
