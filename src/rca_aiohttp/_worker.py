@@ -10,6 +10,7 @@ command or a deadline wakes it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import random
@@ -58,6 +59,7 @@ __all__ = ["Worker"]
 log = logging.getLogger("rca_aiohttp")
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 class Worker:
@@ -376,7 +378,7 @@ class _Driver(Driver):
                 task,
                 task_dir=task_dir,
                 extras=extras,
-                run_sync=asyncio.to_thread,
+                run_sync=_in_own_thread,
                 transfers=self.s3,
                 path_type=Path,
                 redact=self._secrets,
@@ -458,6 +460,45 @@ class _Driver(Driver):
             t.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5.0)
+
+
+async def _in_own_thread(func: Callable[[], T]) -> T:
+    """Run a sync handler in a thread of its own, not in the loop's default executor.
+
+    The default executor has at most ``min(32, CPUs + 4)`` threads, shared with
+    ``TaskFiles`` calls and the task-folder cleanup. A handler stopped by
+    ``TASK_TIMEOUT`` keeps its thread until it returns (Python cannot stop a
+    thread), so a few hung handlers would starve every later sync handler and
+    file operation, and sync handlers beyond that size would queue instead of
+    running. A fresh daemon thread per call never queues; the machine's slots
+    already bound how many handlers run at once.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+    context = contextvars.copy_context()  # task ids on log lines, as asyncio.to_thread does
+
+    def settle(value: T | None, error: BaseException | None) -> None:
+        if future.done():  # cancelled (timeout, shutdown): nobody waits any more
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)  # type: ignore[arg-type]
+
+    def work() -> None:
+        value: T | None = None
+        error: BaseException | None = None
+        try:
+            value = context.run(func)
+        except BaseException as exc:  # handed to the awaiting task, as a thread pool would
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, value, error)
+        except RuntimeError:  # the loop is closed: the worker stopped long ago
+            pass
+
+    threading.Thread(target=work, name="rca-sync-handler", daemon=True).start()
+    return await future
 
 
 def _describe(exc: BaseException) -> str:
