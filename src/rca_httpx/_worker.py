@@ -352,6 +352,9 @@ class _Driver(Driver):
         self._files_root = config.task_files_dir
         self._secrets = config.secret_values()
         self._limiters = _limiters(settings)
+        # The threads themselves: unbounded, since the token that counts is the
+        # type limiter's, held by the handler's task (see _run_handler).
+        self._threads = anyio.CapacityLimiter(math.inf)
         self._urls: dict[str, httpx.URL] = {}
         self.url_texts: set[str] = set()  # shared with the log filter
         self._headers: dict[tuple[tuple[str, str], ...], httpx.Headers] = {}
@@ -525,8 +528,14 @@ class _Driver(Driver):
         limiter = self._limiters.get(spec.task_type) or self._limiters[None]
 
         async def run_sync(func: Callable[[], Any]) -> Any:
+            # The task holds the token, not the thread: on trio a token lent to a
+            # thread stays taken until the thread returns, even once abandoned, so
+            # handlers hung past TASK_TIMEOUT would use the limiter up for good.
             try:
-                return await anyio.to_thread.run_sync(func, limiter=limiter, abandon_on_cancel=True)
+                async with limiter:
+                    return await anyio.to_thread.run_sync(
+                        func, limiter=self._threads, abandon_on_cancel=True
+                    )
             except anyio.get_cancelled_exc_class():
                 log.warning(
                     "task %s (job %s): sync handler %r cancelled; its thread runs on until the "
