@@ -61,3 +61,18 @@ def test_relative_links_resolve(page: Path) -> None:
         if "://" in target:
             continue
         assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+def test_docs_build_without_warnings(tmp_path: Path) -> None:
+    """``mkdocs build --strict``: a broken link, a missing page or an orphan page fails."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "site" / "concepts" / "index.html").is_file()
