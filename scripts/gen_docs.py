@@ -35,9 +35,10 @@ def main() -> None:
     for (page, marker), make in REGIONS.items():
         path = DOCS / page
         text = path.read_text()
+        generated = make()
         new = re.sub(
             rf"(<!-- {marker}:begin -->\n).*?(<!-- {marker}:end -->)",
-            lambda m: m.group(1) + make() + m.group(2),
+            lambda m, generated=generated: m.group(1) + generated + m.group(2),
             text,
             flags=re.S,
         )
