@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 JSON_HEADERS: Final = (("Content-Type", "application/json"),)
+#: Per-orchestrator request parts kept by a WireV1 (there are only a few orchestrators).
+_CACHE_LIMIT: Final = 64
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -71,6 +73,10 @@ class Outcome:
     retry_after: float | None = None
     detail: str = ""
     unknown_worker: bool = False
+
+
+#: The outcome of every 2xx reply (outcomes are immutable: one object serves them all).
+_OK: Final = Outcome(kind=ReplyKind.OK)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -139,7 +145,7 @@ def classify_status(status: int | None, retry_after: str | None = None) -> Outco
     if status is None:
         return Outcome(kind=ReplyKind.RETRY, detail="no reply")
     if 200 <= status < 300:
-        return Outcome(kind=ReplyKind.OK)
+        return _OK
     if status == 429 or status >= 500:
         return Outcome(
             kind=ReplyKind.RETRY,
@@ -153,13 +159,21 @@ def classify_status(status: int | None, retry_after: str | None = None) -> Outco
 
 def _loads(body: bytes) -> tuple[bool, Any]:
     try:
+        if body[:1] == b"{" and body[1:2] != b"\x00":
+            # What json.loads(bytes) does for a body that starts with "{" (its
+            # encoding sniffing can only answer UTF-8 here), without the sniffing.
+            return True, json.loads(body.decode("utf-8", "surrogatepass"))
         return True, json.loads(body)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return False, None
 
 
+# json.dumps(obj, separators=(",", ":"), allow_nan=False), minus building an encoder per call.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _dumps(obj: object) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def _snippet(body: bytes, limit: int = 200) -> str:
@@ -185,6 +199,10 @@ class WireV1:
         # orchestrator may pop a task into a socket nobody reads any more.
         self._poll_timeout = poll_timeout
         self._request_timeout = request_timeout
+        # Built once per orchestrator: a poll request is always the same (and
+        # immutable), a result's URL and headers too.
+        self._polls: dict[tuple[str, str, str], HttpRequest] = {}
+        self._result_routes: dict[tuple[str, str], tuple[str, tuple[tuple[str, str], ...]]] = {}
 
     # -- requests -------------------------------------------------------------------
 
@@ -218,13 +236,19 @@ class WireV1:
         )
 
     def poll(self, *, url: str, token: str, worker_id: str) -> HttpRequest:
-        return HttpRequest(
-            method="GET",
-            url=f"{self._base(url)}/_worker/workers/{quote(worker_id, safe='')}/tasks/next",
-            headers=self._headers(token, False),
-            body=None,
-            timeout=self._poll_timeout,
-        )
+        key = (url, token, worker_id)
+        request = self._polls.get(key)
+        if request is None:
+            if len(self._polls) >= _CACHE_LIMIT:
+                self._polls.clear()
+            request = self._polls[key] = HttpRequest(
+                method="GET",
+                url=f"{self._base(url)}/_worker/workers/{quote(worker_id, safe='')}/tasks/next",
+                headers=self._headers(token, False),
+                body=None,
+                timeout=self._poll_timeout,
+            )
+        return request
 
     def result(
         self,
@@ -237,10 +261,18 @@ class WireV1:
         result: Mapping[str, Any],
     ) -> HttpRequest:
         body = {"job_id": job_id, "task_id": task_id, "worker_id": worker_id, "result": result}
+        route = self._result_routes.get((url, token))
+        if route is None:
+            if len(self._result_routes) >= _CACHE_LIMIT:
+                self._result_routes.clear()
+            route = self._result_routes[(url, token)] = (
+                f"{self._base(url)}/_worker/tasks/result",
+                self._headers(token, True),
+            )
         return HttpRequest(
             method="POST",
-            url=f"{self._base(url)}/_worker/tasks/result",
-            headers=self._headers(token, True),
+            url=route[0],
+            headers=route[1],
             body=_dumps(body),
             timeout=self._request_timeout,
         )
@@ -356,12 +388,12 @@ class WireV1:
         status: int | None, retry_after: str | None, body: bytes
     ) -> OrchestratorTask | NoTask | MalformedTask:
         if status == 204:
-            return NoTask(outcome=Outcome(kind=ReplyKind.OK))
+            return NoTask(outcome=_OK)
         outcome = classify_status(status, retry_after)
         if outcome.kind != ReplyKind.OK:
             return NoTask(outcome=outcome)
         if not body.strip():  # a 200 with an empty body carries no task either
-            return NoTask(outcome=Outcome(kind=ReplyKind.OK))
+            return NoTask(outcome=_OK)
         ok, value = _loads(body)
         if not ok:
             return MalformedTask(
@@ -369,7 +401,7 @@ class WireV1:
             )
         if value is None or value == {}:
             # Some servers answer an empty poll with 200 and nothing in it.
-            return NoTask(outcome=Outcome(kind=ReplyKind.OK))
+            return NoTask(outcome=_OK)
         if not isinstance(value, dict):
             return MalformedTask(
                 reason=f"task is a JSON {type(value).__name__}, not an object",
@@ -379,21 +411,21 @@ class WireV1:
         job_id = _id(value.get("job_id"))
         task_id = _id(value.get("task_id"))
         task_type = value.get("type")
-        missing = [
-            name
-            for name, present in (
-                ("job_id", job_id),
-                ("task_id", task_id),
-                ("type", isinstance(task_type, str) and task_type),
-            )
-            if not present
-        ]
-        if missing:
+        if job_id is None or task_id is None or not (isinstance(task_type, str) and task_type):
+            missing = [
+                name
+                for name, present in (
+                    ("job_id", job_id),
+                    ("task_id", task_id),
+                    ("type", isinstance(task_type, str) and task_type),
+                )
+                if not present
+            ]
             return MalformedTask(
                 reason=f"task lacks a valid {', '.join(missing)}", job_id=job_id, task_id=task_id
             )
         priority = value.get("priority", 0)
-        if (
+        if type(priority) is not int and (  # an exact int is the usual case, and valid
             isinstance(priority, bool)
             or not isinstance(priority, int | float)
             or (isinstance(priority, float) and not math.isfinite(priority))  # Infinity, NaN
