@@ -142,6 +142,7 @@ class _Link:
         "heartbeats_sent",
         "index",
         "orch",
+        "poll_failure_seen",
         "poll_retry",
         "polls",
         "register_request",
@@ -166,6 +167,9 @@ class _Link:
         self.heartbeat_due: float | None = None
         self.heartbeat_ok_since_register = False
         self.poll_retry = Backoff(base=settings.retry_base, cap=settings.retry_cap)
+        # The last request id issued when a poll failure came in: a reply to a poll
+        # sent before that (in flight meanwhile) tells nothing about the link now.
+        self.poll_failure_seen = 0
         self.polls: set[int] = set()
         self.ws_retry = Backoff(base=settings.retry_base, cap=max(settings.retry_cap, 10.0))
         self.channel_wanted = False  # an OpenCommandChannel is out or the channel is open
@@ -545,7 +549,9 @@ class WorkerMachine:
                     healthy=link.healthy,
                     available=link.state is LinkState.REGISTERED
                     and link.heartbeat_ok_since_register
-                    and link.poll_retry.ready(now),
+                    and link.poll_retry.ready(now)
+                    # backing off: one poll probes the link; the others follow its success
+                    and not (link.poll_retry.failures and link.polls),
                 )
                 for link in self._links
             ]
@@ -601,7 +607,7 @@ class WorkerMachine:
             self.counters["requests_failed"] += 1
         if purpose == "poll":
             link.polls.discard(rid)
-            self._on_poll_reply(link, status, retry_after, body, now, abandoned)
+            self._on_poll_reply(link, rid, status, retry_after, body, now, abandoned)
         elif purpose == "heartbeat":
             link.heartbeat_request = None
             link.heartbeats_answered = link.heartbeats_sent
@@ -687,6 +693,7 @@ class WorkerMachine:
     def _on_poll_reply(
         self,
         link: _Link,
+        rid: int,
         status: int | None,
         retry_after: str | None,
         body: bytes,
@@ -701,8 +708,7 @@ class WorkerMachine:
             self._slots.poll_empty()
             outcome = parsed.outcome
             if outcome.kind == ReplyKind.OK:
-                link.poll_retry.succeeded()
-                link.healthy = True
+                self._poll_succeeded(link, rid)
                 return
             if status == 404 and link.state is LinkState.REGISTERED:
                 link.move(LinkInput.FORGOTTEN)
@@ -710,6 +716,7 @@ class WorkerMachine:
             elif status != 429:
                 link.healthy = False
             delay = link.poll_retry.failed(now, self._rng, outcome.retry_after)
+            link.poll_failure_seen = self._next_request
             log.warning(
                 "poll of %s failed (%s); next poll there in %.1fs",
                 link.orch.url,
@@ -717,8 +724,7 @@ class WorkerMachine:
                 delay,
             )
             return
-        link.poll_retry.succeeded()
-        link.healthy = True
+        self._poll_succeeded(link, rid)
         if isinstance(parsed, MalformedTask):
             self._slots.poll_empty()
             self._reject(
@@ -730,6 +736,17 @@ class WorkerMachine:
             )
             return
         self._on_task(link, parsed, now)
+
+    def _poll_succeeded(self, link: _Link, rid: int) -> None:
+        """A poll answered: the link is well, unless the poll left before a failure came in.
+
+        Such a poll was parked or in flight while another one failed: its answer says
+        nothing about the link now, and must not cut short a backoff (a ``Retry-After``
+        of a 429 that came in meanwhile) nor bring back a link marked unhealthy.
+        """
+        if rid > link.poll_failure_seen:
+            link.poll_retry.succeeded()
+            link.healthy = True
 
     def _on_task(self, link: _Link, t: OrchestratorTask, now: float) -> None:
         self.counters["tasks_received"] += 1
