@@ -363,9 +363,10 @@ class WorkerMachine:
         for out in self._outbox.values():
             if out.request is None and self._heartbeat_settled(out):
                 add(out.retry.not_before)
-        for running in self._tasks.values():
-            if running.deadline is not None and running.cancel_reason is None:
-                add(running.deadline)
+        if self.settings.task_timeout:  # without TASK_TIMEOUT no task has a deadline
+            for running in self._tasks.values():
+                if running.deadline is not None and running.cancel_reason is None:
+                    add(running.deadline)
         if self._state is WorkerState.DRAINING and self._drain_deadline is not None:
             add(self._drain_deadline)
         if self._state is WorkerState.CANCELLING and self._give_up_deadline is not None:
@@ -538,6 +539,8 @@ class WorkerMachine:
         settings = self.settings
         if len(self._outbox) >= settings.outbox_limit:
             return  # the orchestrator is not taking results: take no more work
+        if self._slots.free <= 0:
+            return  # every slot is polling or busy: the usual case, decided before counting
         polls_out = sum(len(link.polls) for link in self._links)
         cap = settings.max_parallel_polls or settings.max_concurrent_tasks
         while polls_out < cap and self._slots.free > 0:

@@ -55,6 +55,9 @@ class Selector:
 
     def choose(self, candidates: Sequence[Candidate]) -> int | None:
         """The index to poll next, or None when no eligible orchestrator is available now."""
+        if len(candidates) == 1:  # one orchestrator: what the general case below decides
+            only = candidates[0]
+            return only.index if only.healthy and only.available else None
         pool = [c for c in self.eligible(candidates) if c.available]
         if not pool:
             return None
