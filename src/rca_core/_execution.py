@@ -13,9 +13,9 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
-from ._app import WorkerDefinition
+from ._app import WorkerDefinition, progress_arguments
 from ._errors import TaskFailure
-from ._events import Task
+from ._events import HotCacheChanged, ProgressReported, Task
 from ._logs import reset_current_task, set_current_task
 from ._results import exception_result, normalize_result
 
@@ -53,6 +53,17 @@ async def execute_task(
     """
     token = set_current_task(task.task_id, task.job_id)
     try:
+        if _tracer() is None:  # no tracing configured (the usual case): no span to manage
+            return await _run(
+                definition,
+                task,
+                task_dir=task_dir,
+                extras=extras,
+                run_sync=run_sync,
+                transfers=transfers,
+                path_type=path_type,
+                redact=redact,
+            )
         with _task_span(task) as span:
             result = await _run(
                 definition,
@@ -115,8 +126,6 @@ def standard_extras(feed: Callable[[Any], None], task_id: str) -> dict[str, obje
     They only feed events to the machine, so they behave the same on every
     adapter; ``send_progress`` is a coroutine function, as in the reference SDK.
     """
-    from ._app import progress_arguments
-    from ._events import HotCacheChanged, ProgressReported
 
     async def send_progress(*args: Any, **kwargs: Any) -> None:
         progress, message = progress_arguments(args, kwargs)

@@ -190,6 +190,49 @@ def _json_problem(value: object, path: str, depth: int, ancestors: set[int]) -> 
     return None
 
 
+class _NotPlain(Exception):
+    """The value holds something :func:`_plain_copy` leaves to the full check."""
+
+
+#: Exact ints beyond this are left to the full check (json refuses ints of more
+#: than ``sys.get_int_max_str_digits()`` digits, with a message worth keeping).
+_PLAIN_INT = 2**63
+
+
+def _plain_copy(value: object, depth: int) -> object:
+    """``json.loads(json.dumps(value))`` for a value made only of exact JSON types.
+
+    Exact ``dict`` (``str`` keys), ``list``, ``tuple``, ``str``, ``int``, finite
+    ``float``, ``bool`` and ``None`` are copied (tuples become lists, as through
+    JSON); anything else (a subclass, NaN, a huge int, nesting at the depth
+    limit, hence also a cycle) raises ``_NotPlain`` and the caller takes the full
+    path, which finds and names the problem.
+    """
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is int:
+        if -_PLAIN_INT < value < _PLAIN_INT:  # type: ignore[operator]
+            return value
+        raise _NotPlain
+    if kind is float:
+        if math.isfinite(value):  # type: ignore[arg-type]
+            return value
+        raise _NotPlain
+    if depth >= _MAX_DEPTH:
+        raise _NotPlain
+    if kind is dict:
+        copy = {}
+        for key, item in value.items():  # type: ignore[attr-defined]
+            if type(key) is not str:
+                raise _NotPlain
+            copy[key] = _plain_copy(item, depth + 1)
+        return copy
+    if kind is list or kind is tuple:
+        return [_plain_copy(item, depth + 1) for item in value]  # type: ignore[attr-defined]
+    raise _NotPlain
+
+
 def _describe_return(value: object) -> str:
     if value is None:
         return "None"
@@ -203,17 +246,21 @@ def _normalize(value: object, handler_name: str) -> dict[str, object]:
             PERMANENT_ERROR,
             f"{who} returned {_describe_return(value)}: expected a dict such as {_EXAMPLE}",
         )
-    problem = _json_problem(value, "", 0, set())
-    if problem:
-        return failure_result(
-            PERMANENT_ERROR, f"{who} returned a result that is not JSON: {problem}"
-        )
     try:
-        result = json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        return failure_result(
-            PERMANENT_ERROR, f"{who} returned a result that is not JSON: {_safe_str(exc)}"
-        )
+        # The usual result is plain JSON already: copy it in one pass.
+        result: dict[str, object] = _plain_copy(value, 0)  # type: ignore[assignment]
+    except _NotPlain:
+        problem = _json_problem(value, "", 0, set())
+        if problem:
+            return failure_result(
+                PERMANENT_ERROR, f"{who} returned a result that is not JSON: {problem}"
+            )
+        try:
+            result = json.loads(json.dumps(value, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            return failure_result(
+                PERMANENT_ERROR, f"{who} returned a result that is not JSON: {_safe_str(exc)}"
+            )
 
     status = result.setdefault("status", "success")
     if not isinstance(status, str) or not status.strip():
