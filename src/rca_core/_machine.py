@@ -719,6 +719,12 @@ class WorkerMachine:
             elif status != 429:
                 link.healthy = False
             delay = link.poll_retry.failed(now, self._rng, outcome.retry_after)
+            if not link.healthy and link.state is LinkState.REGISTERED:
+                # Probe with a heartbeat as soon as the poll backoff ends: its
+                # success is what brings a failed-over worker back to this one.
+                probe = now + delay
+                if link.heartbeat_due is None or link.heartbeat_due > probe:
+                    link.heartbeat_due = probe
             link.poll_failure_seen = self._next_request
             log.warning(
                 "poll of %s failed (%s); next poll there in %.1fs",

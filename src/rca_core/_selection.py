@@ -47,11 +47,14 @@ class Selector:
 
     def eligible(self, candidates: Sequence[Candidate]) -> list[Candidate]:
         """The orchestrators that may be polled at all in the current health picture."""
-        healthy = [c for c in candidates if c.healthy]
-        if self._mode == FAILOVER and healthy:
-            best = min(c.priority for c in healthy)
-            healthy = [c for c in healthy if c.priority == best]
-        return healthy
+        # When none is healthy, every one is a candidate again: its own backoff
+        # paces the probes, and a lone orchestrator must not wait for a heartbeat
+        # to be polled after one failed poll.
+        pool = [c for c in candidates if c.healthy] or list(candidates)
+        if self._mode == FAILOVER and pool:
+            best = min(c.priority for c in pool)
+            pool = [c for c in pool if c.priority == best]
+        return pool
 
     def choose(self, candidates: Sequence[Candidate]) -> int | None:
         """The index to poll next, or None when no eligible orchestrator is available now."""

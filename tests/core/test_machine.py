@@ -689,8 +689,14 @@ def test_a_poll_error_backs_off_and_does_not_spin() -> None:
     sim = simulate(fake, max_concurrent_tasks=1, heartbeat_interval=15.0)
     steps = no_spin(sim, 20)
     assert steps < 100
-    assert len(times(fake, "poll")) == 2  # the 500, then one once a heartbeat said it is back
-    assert times(fake, "poll")[1] >= 15.0
+    polls = times(fake, "poll")
+    # The 500, then the next poll once its backoff ends (capped at retry_cap = 5 s),
+    # not at the next periodic heartbeat 15 s later: a lone orchestrator is probed.
+    assert len(polls) >= 2
+    assert polls[1] - polls[0] <= 5.0 + 0.1
+    # ...and a heartbeat probes it no later than that poll.
+    beats = times(fake, "heartbeat")
+    assert any(polls[0] < t <= polls[1] + 0.01 for t in beats)
 
 
 def test_a_rate_limited_poll_waits_for_retry_after() -> None:

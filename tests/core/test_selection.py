@@ -59,13 +59,23 @@ def test_failover_shares_one_priority_level_by_weight() -> None:
     assert chosen.count(1) == 2
 
 
-def test_nobody_healthy_means_nobody_eligible() -> None:
-    for mode in (FAILOVER, ROUND_ROBIN):
-        selector = Selector(mode, 2)
-        pool = [cand(0, healthy=False), cand(1, healthy=False)]
-        assert selector.eligible(pool) == []
-        assert selector.choose(pool) is None
+def test_when_nobody_is_healthy_everybody_is_probed_again() -> None:
+    """All down: each orchestrator's own backoff paces the probes (no wait for a heartbeat)."""
+    pool = [cand(0, priority=1, healthy=False), cand(1, priority=2, healthy=False)]
+    failover = Selector(FAILOVER, 2)
+    assert [c.index for c in failover.eligible(pool)] == [0]  # best priority first
+    assert failover.choose(pool) == 0
+    round_robin = Selector(ROUND_ROBIN, 2)
+    assert [c.index for c in round_robin.eligible(pool)] == [0, 1]
+    # Still backing off (not available): nothing to poll yet.
+    waiting = [cand(0, healthy=False, available=False), cand(1, healthy=False, available=False)]
+    assert failover.choose(waiting) is None
     assert Selector(FAILOVER, 0).choose([]) is None
+
+
+def test_a_healthy_orchestrator_wins_over_unhealthy_better_ones() -> None:
+    pool = [cand(0, priority=1, healthy=False), cand(1, priority=2, healthy=True)]
+    assert Selector(FAILOVER, 2).choose(pool) == 1
 
 
 def test_round_robin_is_smooth_and_weighted() -> None:
