@@ -733,9 +733,12 @@ class WorkerMachine:
                 delay,
             )
             return
-        self._poll_succeeded(link, rid)
         if isinstance(parsed, MalformedTask):
+            # A server that answers polls with garbage is misbehaving: back off as
+            # for an error, or a worker would poll it again at once, in a spin.
             self._slots.poll_empty()
+            link.poll_retry.failed(now, self._rng)
+            link.poll_failure_seen = self._next_request
             self._reject(
                 parsed.job_id,
                 parsed.task_id,
@@ -744,6 +747,7 @@ class WorkerMachine:
                 now,
             )
             return
+        self._poll_succeeded(link, rid)
         self._on_task(link, parsed, now)
 
     def _poll_succeeded(self, link: _Link, rid: int) -> None:

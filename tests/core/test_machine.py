@@ -1418,3 +1418,16 @@ def test_a_parked_poll_is_cancelled_only_once() -> None:
     manual.fail(poll, "cancelled")
     assert manual.log[-1] == WorkerStopped(undelivered=0)
     assert manual.machine.counters["requests_failed"] == 0  # an abandoned poll is no failure
+
+
+@pytest.mark.parametrize("body", [b"[1]", b'{"hello": 1}', b"not json", b'{"task_id": "t", "job_id": "j"}'])
+def test_garbage_poll_replies_back_off_instead_of_spinning(body: bytes) -> None:
+    garbage = deque([Reply(status=200, body=body) for _ in range(1000)])
+    fake = FakeOrchestrator(url=URL_A, script={"poll": garbage})
+    sim = simulate(fake, max_concurrent_tasks=4)
+    no_spin(sim, 30)
+    polls = times(fake, "poll")
+    # Exponential backoff capped at 5 s: a handful per 30 s, not thousands.
+    assert 3 <= len(polls) <= 30
+    assert sim.machine.snapshot()["slots"]["polling"] <= 1
+    assert sim.machine.snapshot()["slots"]["held"] == 0
