@@ -145,7 +145,11 @@ class Worker:
         )
         machine = WorkerMachine(settings, rng=random.Random())
         own_client = self._http_client is None
-        client = self._http_client or _default_client(settings.max_concurrent_tasks)
+        transport: H11Transport | None = None
+        if self._http_client is None:
+            client, transport = _default_client(settings.max_concurrent_tasks)
+        else:
+            client = self._http_client
         s3 = _make_s3(resolved)
         redactor = Redactor(resolved.secret_values())
         redactor.install()
@@ -158,6 +162,7 @@ class Worker:
             async with anyio.create_task_group() as tg:
                 driver = _Driver(machine, client, self._definition, resolved, settings, s3, tg)
                 driver.url_texts = quiet.urls
+                driver.own_transport = transport
                 self._driver = driver
                 if handle_signals:
                     await tg.start(_watch_signals, driver)
@@ -267,8 +272,9 @@ class _QuietOwnRequests(logging.Filter):
         )
 
 
-def _default_client(max_concurrent_tasks: int) -> httpx.AsyncClient:
-    """One pooled client on the lean transport; every request carries its own timeout.
+def _default_client(max_concurrent_tasks: int) -> tuple[httpx.AsyncClient, H11Transport]:
+    """One pooled client on the lean transport (and that transport); every request
+    carries its own timeout.
 
     Enough idle connections are kept for every slot's long poll plus the
     heartbeats and results around them (as ``rca_aiohttp`` sizes its pool).
@@ -277,7 +283,7 @@ def _default_client(max_concurrent_tasks: int) -> httpx.AsyncClient:
     aiohttp adapter (pass your own ``http_client`` to route through a proxy).
     """
     transport = H11Transport(max_idle_per_origin=max(64, 4 * max_concurrent_tasks))
-    return httpx.AsyncClient(transport=transport, trust_env=False, timeout=60.0)
+    return httpx.AsyncClient(transport=transport, trust_env=False, timeout=60.0), transport
 
 
 def _current_backend() -> str:
@@ -357,6 +363,8 @@ class _Driver(Driver):
         self._threads = anyio.CapacityLimiter(math.inf)
         self._urls: dict[str, httpx.URL] = {}
         self.url_texts: set[str] = set()  # shared with the log filter
+        # The transport of the worker's own default client (None with a client passed in).
+        self.own_transport: H11Transport | None = None
         self._headers: dict[tuple[tuple[str, str], ...], httpx.Headers] = {}
         self._timeouts: dict[float, dict[str, float | None]] = {}
         self._loop_thread = threading.get_ident()
@@ -498,7 +506,12 @@ class _Driver(Driver):
         event: Event | None = None
         with scope:
             try:
-                response = await self.client.send(self._build(effect.request))
+                request = self._build(effect.request)
+                transport = self.own_transport
+                if transport is None:
+                    response = await self.client.send(request)
+                else:
+                    response = await _send_direct(transport, request)
                 event = ResponseReceived(
                     request_id=rid,
                     status=response.status_code,
@@ -621,6 +634,27 @@ class _Driver(Driver):
             await ws.send_text(text)
         except WebSocketError as exc:  # closing underneath us
             log.debug("progress update not sent: %s", exc)
+
+
+async def _send_direct(transport: H11Transport, request: httpx.Request) -> httpx.Response:
+    """``client.send(request)`` for the worker's own default client, minus what it adds.
+
+    That client has no auth, event hooks, mounts, proxies or redirects to
+    follow, and its cookie jar is never read (``_build`` makes requests
+    without the client's cookies). What ``send`` does on top of the transport
+    is then only work nobody sees, and it was most of rca_httpx's client cost
+    per request: a cookie-jar update from every response, and an INFO log
+    record that ``_QuietOwnRequests`` drops for these URLs. The response is
+    read and closed as ``send`` does.
+    """
+    response = await transport.handle_async_request(request)
+    response.request = request
+    try:
+        await response.aread()
+    except BaseException:
+        await response.aclose()
+        raise
+    return response
 
 
 def _limiters(settings: MachineSettings) -> dict[str | None, anyio.CapacityLimiter]:
