@@ -53,7 +53,8 @@ async def execute_task(
     """
     token = set_current_task(task.task_id, task.job_id)
     try:
-        if _tracer() is None:  # no tracing configured (the usual case): no span to manage
+        tracer = _tracer()
+        if tracer is None:  # no tracing configured (the usual case): no span to manage
             return await _run(
                 definition,
                 task,
@@ -64,7 +65,7 @@ async def execute_task(
                 path_type=path_type,
                 redact=redact,
             )
-        with _task_span(task) as span:
+        with _task_span(tracer, task) as span:
             result = await _run(
                 definition,
                 task,
@@ -75,8 +76,7 @@ async def execute_task(
                 path_type=path_type,
                 redact=redact,
             )
-            if span is not None:
-                _end_span(span, result)
+            _end_span(span, result)
             return result
     finally:
         reset_current_task(token)
@@ -159,11 +159,7 @@ def _tracer() -> Any:
 
 
 @contextlib.contextmanager
-def _task_span(task: Task) -> Iterator[Any]:
-    tracer = _tracer()
-    if tracer is None:
-        yield None
-        return
+def _task_span(tracer: Any, task: Task) -> Iterator[Any]:
     from opentelemetry import trace
     from opentelemetry.propagate import extract
 

@@ -437,3 +437,20 @@ def test_parsers_document_their_return_types() -> None:
     for parser in (WireV1.parse_register, WireV1.parse_heartbeat, WireV1.parse_result):
         assert [c.__name__ for c in returns(parser)] == ["Outcome"]
     assert WireV1.version == "rca-1.0b10"
+
+
+def test_request_caches_stay_bounded_and_correct() -> None:
+    """Polls and result routes are cached per orchestrator; the caches cannot grow forever."""
+    from rca_core import _wire
+
+    wire = WireV1(poll_timeout=45.0)
+    first = wire.poll(url="http://o/", token="t", worker_id="w")
+    assert wire.poll(url="http://o/", token="t", worker_id="w") is first  # built once
+    for n in range(_wire._CACHE_LIMIT + 5):
+        req = wire.poll(url=f"http://o{n}", token="t", worker_id="w")
+        assert req.url == f"http://o{n}/_worker/workers/w/tasks/next"
+        res = wire.result(url=f"http://o{n}", token=f"t{n}", worker_id="w", job_id="j", task_id="k", result={})
+        assert res.url == f"http://o{n}/_worker/tasks/result"
+        assert ("X-Worker-Token", f"t{n}") in res.headers
+    assert len(wire._polls) <= _wire._CACHE_LIMIT
+    assert len(wire._result_routes) <= _wire._CACHE_LIMIT
