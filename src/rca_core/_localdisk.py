@@ -19,32 +19,18 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from ._errors import PERMANENT_ERROR, TaskFailure
 from ._s3plan import FileKind
 
 __all__ = [
     "DiskError",
     "LocalDisk",
     "PartFile",
-    "import_obstore",
     "make_folders",
     "on_disk",
     "write_empty",
 ]
 
 _T = TypeVar("_T")
-
-
-def import_obstore() -> Any:
-    """``obstore``, or a clear ``TaskFailure`` if the extra is not installed."""
-    try:
-        import obstore
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise TaskFailure(
-            PERMANENT_ERROR,
-            "S3 transfers need obstore: install the worker with the [s3] extra",
-        ) from exc
-    return obstore
 
 
 class LocalDisk:

@@ -44,12 +44,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from rca_core._errors import TRANSIENT_ERROR, TaskFailure
+from rca_core._errors import PERMANENT_ERROR, TRANSIENT_ERROR, TaskFailure
 from rca_core._localdisk import (
     DiskError,
     LocalDisk,
     PartFile,
-    import_obstore,
     make_folders,
     write_empty,
 )
@@ -75,6 +74,19 @@ if TYPE_CHECKING:
     from obstore.store import S3Store
 
 __all__ = ["S3Transfers"]
+
+
+def import_obstore() -> Any:
+    """``obstore``, imported on first use: a worker without the [s3] extra still runs."""
+    try:
+        import obstore
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise TaskFailure(
+            PERMANENT_ERROR,
+            "S3 transfers need obstore: install the worker with the [s3] extra",
+        ) from exc
+    return obstore
+
 
 _T = TypeVar("_T")
 _STOP_WAIT = 60.0  # seconds a cancelled upload may take to notice its stop flag

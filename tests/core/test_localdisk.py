@@ -7,11 +7,9 @@ import pathlib
 
 import pytest
 
-from rca_core import PERMANENT_ERROR, TaskFailure
 from rca_core._localdisk import (
     DiskError,
     PartFile,
-    import_obstore,
     make_folders,
     on_disk,
     write_empty,
@@ -96,8 +94,3 @@ def test_walk_stops_at_the_limit(tmp_path: pathlib.Path) -> None:
     for n in range(5):
         (tmp_path / f"{n}.txt").write_text("x")
     assert len(LocalDisk().walk(str(tmp_path), 3)) == 3
-
-
-def test_obstore_is_importable_with_the_extra() -> None:
-    assert import_obstore().__name__ == "obstore"
-    assert PERMANENT_ERROR and TaskFailure
