@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import math
-import pathlib
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -46,29 +45,19 @@ import anyio.to_thread
 
 from rca_core._errors import PERMANENT_ERROR, TRANSIENT_ERROR, TaskFailure
 from rca_core._localdisk import (
-    DiskError,
-    LocalDisk,
     PartFile,
-    make_folders,
     write_empty,
 )
 from rca_core._s3plan import (
     MAX_LISTED_OBJECTS,
     DownloadItem,
-    InputRef,
     S3Settings,
-    TransferOperation,
     UploadItem,
     chunk_budget,
-    failure_from_exception,
-    find_inputs,
     first_failure,
     part_size_for,
-    plan_downloads,
-    plan_uploads,
-    substitute,
-    unconfigured_failure,
 )
+from rca_core._s3transfers import S3TransfersBase
 
 if TYPE_CHECKING:
     from obstore.store import S3Store
@@ -144,7 +133,7 @@ def _put_file(
         done.set()
 
 
-class S3Transfers:
+class S3Transfers(S3TransfersBase):
     """Download a task's ``s3://`` inputs and upload its returned files.
 
     The interface of ``rca_aiohttp._s3.S3Transfers``, for anyio code on
@@ -153,86 +142,12 @@ class S3Transfers:
     """
 
     def __init__(self, settings: S3Settings | None) -> None:
-        self._settings = settings
+        super().__init__(settings)
         self._stores: dict[str, S3Store] = {}
         limit = settings.max_concurrency if settings is not None else 1
         self._slots = anyio.Semaphore(limit)
         # One thread per transfer in flight, plus one for planning.
         self._threads = anyio.CapacityLimiter(limit + 1)
-        self._closed = False
-
-    @classmethod
-    def disabled(cls) -> S3Transfers:
-        """Transfers for a worker without S3: inputs fail clearly, outputs pass."""
-        return cls(None)
-
-    @property
-    def enabled(self) -> bool:
-        return self._settings is not None
-
-    async def download_inputs(self, params: Any, task_dir: pathlib.Path) -> Any:
-        """Fetch every ``s3://`` value in ``params`` below ``task_dir``.
-
-        Returns a new params structure in which each URI is replaced by the
-        local file (or folder, for a prefix); ``params`` itself is untouched.
-        Raises ``TaskFailure`` with the orchestrator's error code.
-        """
-        refs = find_inputs(params)
-        if not refs:
-            return params
-        settings = self._require(refs)
-        listings: dict[tuple[str, str], Sequence[tuple[str, int]]] = {}
-        for ref in refs:
-            if ref.is_prefix and (ref.bucket, ref.key) not in listings:
-                listings[(ref.bucket, ref.key)] = await self._list(ref.bucket, ref.key, ref.uri)
-        # In a thread: a listing of 100,000 keys is real CPU work.
-        plan = await self._in_thread(
-            functools.partial(
-                plan_downloads,
-                refs,
-                str(task_dir),
-                listings,
-                empty_prefix_is_error=settings.empty_prefix_is_error,
-            )
-        )
-        try:
-            await self._in_thread(make_folders, plan.folders)
-        except DiskError as exc:
-            raise self._failure(exc, "download", str(task_dir)) from None
-        await self._each(plan.items, self._download)
-        return substitute(params, plan.replacements)
-
-    async def upload_outputs(
-        self, data: Any, task_dir: pathlib.Path, *, job_id: str, task_id: str
-    ) -> Any:
-        """Upload every file or folder path in ``data`` that lies in ``task_dir``.
-
-        Returns a new structure with each path replaced by ``s3://bucket/key``
-        (a folder by ``s3://bucket/prefix/``). Without S3, ``data`` is
-        returned unchanged.
-        """
-        if self._settings is None:
-            return data
-        settings = self._require(())
-        try:
-            plan = await self._in_thread(
-                functools.partial(
-                    plan_uploads,
-                    data,
-                    str(task_dir),
-                    LocalDisk(),
-                    bucket=settings.default_bucket,
-                    key_prefix=settings.key_prefix,
-                    job_id=job_id,
-                    task_id=task_id,
-                )
-            )
-        except OSError as exc:
-            raise self._failure(exc, "upload", str(task_dir)) from None
-        if not plan.replacements:
-            return data
-        await self._each(plan.items, self._upload)
-        return substitute(data, plan.replacements)
 
     async def close(self) -> None:
         """Release the stores; idempotent. Threads end with their transfers."""
@@ -244,13 +159,6 @@ class S3Transfers:
 
     # -- internals ---------------------------------------------------------
 
-    def _require(self, refs: Sequence[InputRef]) -> S3Settings:
-        if self._settings is None:
-            raise unconfigured_failure(refs)
-        if self._closed:
-            raise TaskFailure(TRANSIENT_ERROR, "S3 transfers are closed (worker shutting down)")
-        return self._settings
-
     def _store(self, bucket: str) -> S3Store:
         store = self._stores.get(bucket)
         if store is None:
@@ -261,12 +169,6 @@ class S3Transfers:
             store = S3Store(**self._settings.store_kwargs(bucket))
             self._stores[bucket] = store
         return store
-
-    def _failure(
-        self, exc: BaseException, operation: TransferOperation, target: str
-    ) -> TaskFailure:
-        secrets = self._settings.secrets if self._settings is not None else ()
-        return failure_from_exception(exc, operation=operation, target=target, secrets=secrets)
 
     async def _in_thread(
         self, func: Callable[..., _T], *args: Any, abandon_on_cancel: bool = False
