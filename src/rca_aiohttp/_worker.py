@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from rca_core._app import WorkerDefinition, s3_settings
+from rca_core._app import WorkerDefinition, WorkerFront, s3_settings
 from rca_core._config import ResolvedConfig, WorkerConfig
 from rca_core._driver import Driver
 from rca_core._events import (
@@ -62,12 +62,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
 
-class Worker:
+class Worker(WorkerFront):
     """A worker: declare handlers with :meth:`task`, then :meth:`run`.
 
     Same constructor and decorator as the reference SDK's ``Worker``; the
     differences in behaviour are listed in the migration guide.
     """
+
+    files_type = TaskFiles
+    _driver: _Driver | None
 
     def __init__(
         self,
@@ -78,40 +81,10 @@ class Worker:
         config: WorkerConfig | None = None,
         http_session: aiohttp.ClientSession | None = None,
     ) -> None:
-        self._config = config if config is not None else WorkerConfig()
-        self._definition = WorkerDefinition(
-            worker_type=worker_type,
-            max_concurrent_tasks=max_concurrent_tasks,
-            task_type_limits=task_type_limits,
-            skill_dependencies=skill_dependencies,
-            files_types=(TaskFiles,),
+        super().__init__(
+            worker_type, max_concurrent_tasks, task_type_limits, skill_dependencies, config
         )
         self._http_session = http_session
-        self.health_port: int | None = None
-        self._driver: _Driver | None = None
-        self._stop_early = False
-
-    @property
-    def config(self) -> WorkerConfig:
-        return self._config
-
-    def task(self, name: str, task_type: str | None = None) -> Callable[[F], F]:
-        """Register the decorated function as the handler of task ``name``."""
-        return self._definition.task(name, task_type)
-
-    def snapshot(self) -> dict[str, Any]:
-        """The machine's state (slots, orchestrators, counters); empty before start."""
-        return self._driver.machine.snapshot() if self._driver else {}
-
-    async def stop(self) -> None:
-        """Drain: take no new tasks, let running ones finish (SHUTDOWN_TIMEOUT), report, stop.
-
-        A second call cancels what is still running.
-        """
-        if self._driver is None:
-            self._stop_early = True
-        else:
-            self._driver.feed(DrainRequested(reason="stop() called"))
 
     async def serve(self, *, health: bool = False, handle_signals: bool = False) -> None:
         """Run until stopped, inside an already running event loop."""

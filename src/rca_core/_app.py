@@ -12,13 +12,14 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from ._config import ResolvedConfig
-from ._events import Task
+from ._config import ResolvedConfig, WorkerConfig
+from ._driver import Driver
+from ._events import DrainRequested, Task
 from ._machine import MachineSettings, Orchestrator
 from ._params import HandlerSpec, bind_params, handler_kwargs, inspect_handler
 from ._s3plan import S3Settings
 
-__all__ = ["WorkerDefinition", "progress_arguments", "s3_settings"]
+__all__ = ["WorkerDefinition", "WorkerFront", "progress_arguments", "s3_settings"]
 
 log = logging.getLogger("rca_core.worker")
 
@@ -186,3 +187,57 @@ def s3_settings(config: ResolvedConfig) -> S3Settings | None:
         key_prefix=config.s3_key_prefix,
         max_concurrency=config.s3_max_concurrency,
     )
+
+
+class WorkerFront:
+    """The public face both adapters' ``Worker`` share: constructor, decorator, stop.
+
+    Adapters subclass it, set :attr:`files_type` to their ``TaskFiles`` and add
+    ``serve()``/``run()``; while serving they keep their driver in ``_driver``.
+    """
+
+    files_type: type
+
+    def __init__(
+        self,
+        worker_type: str | None = None,
+        max_concurrent_tasks: int | None = None,
+        task_type_limits: Mapping[str, int] | None = None,
+        skill_dependencies: Mapping[str, Sequence[str]] | None = None,
+        config: WorkerConfig | None = None,
+    ) -> None:
+        self._config = config if config is not None else WorkerConfig()
+        self._definition = WorkerDefinition(
+            worker_type=worker_type,
+            max_concurrent_tasks=max_concurrent_tasks,
+            task_type_limits=task_type_limits,
+            skill_dependencies=skill_dependencies,
+            files_types=(self.files_type,),
+        )
+        self.health_port: int | None = None
+        self._driver: Driver | None = None
+        self._stop_early = False
+
+    @property
+    def config(self) -> WorkerConfig:
+        return self._config
+
+    def task(self, name: str, task_type: str | None = None) -> Callable[[F], F]:
+        """Register the decorated function as the handler of task ``name``."""
+        return self._definition.task(name, task_type)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The machine's state (slots, orchestrators, counters); empty before start."""
+        driver = self._driver
+        return driver.machine.snapshot() if driver is not None else {}
+
+    async def stop(self) -> None:
+        """Drain: take no new tasks, let running ones finish (SHUTDOWN_TIMEOUT), report, stop.
+
+        A second call cancels what is still running. Call it from the worker's
+        own event loop (from another thread: the loop's thread-safe call).
+        """
+        if self._driver is None:
+            self._stop_early = True
+        else:
+            self._driver.feed(DrainRequested(reason="stop() called"))

@@ -36,7 +36,7 @@ import anyio.from_thread
 import anyio.to_thread
 import httpx
 
-from rca_core._app import WorkerDefinition, s3_settings
+from rca_core._app import WorkerDefinition, WorkerFront, s3_settings
 from rca_core._config import ResolvedConfig, WorkerConfig
 from rca_core._driver import Driver
 from rca_core._events import (
@@ -82,13 +82,16 @@ _CLEANUP_WAIT: Final = 30.0
 _CACHE_LIMIT: Final = 256
 
 
-class Worker:
+class Worker(WorkerFront):
     """A worker: declare handlers with :meth:`task`, then :meth:`run`.
 
     The same constructor, decorator and behaviour as ``rca_aiohttp.Worker``;
     ``http_client`` replaces ``http_session``. :meth:`run` picks the event loop:
     ``backend="trio"``, else ``RCA_BACKEND``, else asyncio.
     """
+
+    files_type = TaskFiles
+    _driver: _Driver | None
 
     def __init__(
         self,
@@ -99,43 +102,10 @@ class Worker:
         config: WorkerConfig | None = None,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
-        self._config = config if config is not None else WorkerConfig()
-        self._definition = WorkerDefinition(
-            worker_type=worker_type,
-            max_concurrent_tasks=max_concurrent_tasks,
-            task_type_limits=task_type_limits,
-            skill_dependencies=skill_dependencies,
-            files_types=(TaskFiles,),
+        super().__init__(
+            worker_type, max_concurrent_tasks, task_type_limits, skill_dependencies, config
         )
         self._http_client = http_client
-        self.health_port: int | None = None
-        self._driver: _Driver | None = None
-        self._stop_early = False
-
-    @property
-    def config(self) -> WorkerConfig:
-        return self._config
-
-    def task(self, name: str, task_type: str | None = None) -> Callable[[F], F]:
-        """Register the decorated function as the handler of task ``name``."""
-        return self._definition.task(name, task_type)
-
-    def snapshot(self) -> dict[str, Any]:
-        """The machine's state (slots, orchestrators, counters); empty before start."""
-        driver = self._driver
-        return driver.machine.snapshot() if driver is not None else {}
-
-    async def stop(self) -> None:
-        """Drain: take no new tasks, let running ones finish (SHUTDOWN_TIMEOUT), report, stop.
-
-        A second call cancels what is still running. Call it from the worker's
-        own event loop (from another thread: ``anyio.from_thread`` or the
-        backend's equivalent).
-        """
-        if self._driver is None:
-            self._stop_early = True
-        else:
-            self._driver.feed(DrainRequested(reason="stop() called"))
 
     async def serve(self, *, health: bool = False, handle_signals: bool = False) -> None:
         """Run until stopped, inside an already running event loop (asyncio or trio)."""

@@ -284,3 +284,49 @@ def test_s3_is_configured_by_an_endpoint_or_an_access_key() -> None:
         assert s3.max_concurrency == 3
         assert s3.region == config.s3_region
         assert s3.key_prefix == config.s3_key_prefix
+
+
+def test_worker_front_is_the_shared_public_face() -> None:
+    import asyncio
+
+    from rca_core import DrainRequested
+    from rca_core._app import WorkerFront
+    from rca_core._config import WorkerConfig
+
+    class Files:
+        pass
+
+    class FrontWorker(WorkerFront):
+        files_type = Files
+
+    config = WorkerConfig({"WORKER_TOKEN": "t"})
+    worker = FrontWorker("kind", 3, {"gpu": 1}, {"s": ["m"]}, config)
+    assert worker.config is config
+    assert worker.snapshot() == {}
+
+    @worker.task("job", task_type="gpu")
+    async def job(params: dict, files: Files, **kwargs: object) -> dict:
+        return {}
+
+    spec = worker._definition.handlers["job"]
+    assert spec.task_type == "gpu" and spec.files_arg == "files"
+    asyncio.run(worker.stop())  # before serving: remembered
+    assert worker._stop_early
+
+    fed: list[object] = []
+
+    class Machine:
+        def snapshot(self) -> dict:
+            return {"state": "running"}
+
+    class FakeDriver:
+        machine = Machine()
+
+        def feed(self, event: object) -> None:
+            fed.append(event)
+
+    worker._driver = FakeDriver()  # type: ignore[assignment]
+    assert worker.snapshot() == {"state": "running"}
+    asyncio.run(worker.stop())
+    assert isinstance(fed[0], DrainRequested)
+    assert FrontWorker().config.WORKER_TYPE  # defaults: config read from the environment
